@@ -1,0 +1,295 @@
+"""
+Teacher noise-image pairs (z, y, x) for one-step distillation: the student learns x = G(z, y).
+
+    python data.py --data toy            # build (or find) the cached toy teacher pairs, print a summary
+    python data.py --data PATH           # check a folder of GET's EDM CIFAR-10 pairs, print a summary
+
+Two sources, one interface (`load_pairs` -> train and held-out `Pairs`, each with `.batch(idx)`):
+
+- `toy` (the offline default): a procedurally drawn, CIFAR-shaped 10-class image set and an *exact*
+  EDM teacher for it, the closed-form optimal denoiser of the empirical class-conditional distribution
+  D(x; sigma, c) = sum_i softmax_i(-|x - x_i|^2 / 2 sigma^2) x_i, driven by EDM's deterministic
+  18-step Heun sampler (rho 7, sigma 80 -> 0.002, last step Euler) from x = 80 z. Cached under data/.
+- `PATH`: the pairs the GET authors released (EDM-Cond-CIFAR / EDM-Uncond-CIFAR, 1M each):
+  PATH/latent/*.pkl and PATH/image/*.pkl, saved with torch.save. Conditional latents are a list
+  [z float32 [n,3,32,32], one-hot labels float32 [n,10]], unconditional ones the bare z; images are
+  the teacher's raw output on [-1,1]. Files are memory-mapped, so 1M pairs (24.6 GB) never sit in RAM.
+"""
+import argparse
+import glob
+import hashlib
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE_DIR = os.environ.get("DIT_NANO_CACHE", os.path.join(HERE, "data"))  # where the toy pairs are cached
+NUM_CLASSES = 10
+SHAPE = (3, 32, 32)
+SIGMA_MIN, SIGMA_MAX, RHO, STEPS = 0.002, 80.0, 7.0, 18  # EDM's sampler for CIFAR-10
+
+
+class DataError(Exception):
+    """Bad data input: the message names the file and what was expected."""
+
+
+class Pairs:
+    """In-memory pairs: z [N,3,32,32] unit noise, y [N] int64 labels (10 = none), x [N,3,32,32] images."""
+
+    def __init__(self, z, y, x):
+        self.z, self.y, self.x = z, y, x
+
+    def __len__(self):
+        return len(self.y)
+
+    def batch(self, idx):
+        return self.z[idx], self.y[idx], self.x[idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy teacher
+
+def draw_images(per_class, seed):
+    """per_class images of each of 10 procedural classes -> float32 [10*per_class,3,32,32] on [-1,1], labels.
+    Classes: disc, square, triangle, ring, plus, horizontal stripes, vertical stripes, diagonal
+    stripes, checkerboard, two discs; random colours, gradient backgrounds, sizes and positions."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32) + 0.5  # pixel centres [32,32]
+    images, labels = [], []
+    for c in range(NUM_CLASSES):
+        for _ in range(per_class):
+            fg, bg, bg2 = rng.uniform(-1, 1, size=(3, 3, 1, 1)).astype(np.float32)
+            cx, cy = rng.uniform(9, 23, size=2)
+            r = rng.uniform(5, 10)
+            period, phase = rng.uniform(5, 10), rng.uniform(0, 2 * np.pi)
+            dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+            dist = np.hypot(xx - cx, yy - cy)
+            # signed "inside" amount per class; soft edges (1 pixel) keep the images smooth like photos
+            inside = [
+                r - dist,                                                  # 0 disc
+                r - np.maximum(dx, dy),                                    # 1 square
+                np.minimum(yy - (cy - r), r - dx - 0.5 * (cy + r - yy)),   # 2 triangle (apex up)
+                r / 3 - np.abs(dist - r * 0.75),                           # 3 ring
+                np.maximum(np.minimum(r - dx, r / 3 - dy), np.minimum(r / 3 - dx, r - dy)),  # 4 plus
+                2 * np.sin(2 * np.pi * yy / period + phase),               # 5 horizontal stripes
+                2 * np.sin(2 * np.pi * xx / period + phase),               # 6 vertical stripes
+                2 * np.sin(2 * np.pi * (xx + yy) / (1.4 * period) + phase),  # 7 diagonal stripes
+                2 * np.sin(np.pi * xx / period + phase) * np.sin(np.pi * yy / period + phase),  # 8 checks
+                np.maximum(r / 2 - np.hypot(xx - cx + r / 1.5, yy - cy), r / 2 - np.hypot(xx - cx - r / 1.5, yy - cy)),
+            ][c]
+            alpha = np.clip(inside + 0.5, 0, 1)[None]  # [1,32,32]
+            ramp = (xx + yy)[None] / 64                # background gradient from bg to bg2
+            back = bg * (1 - ramp) + bg2 * ramp
+            images.append(alpha * fg + (1 - alpha) * back)
+            labels.append(c)
+    return torch.from_numpy(np.stack(images)).float(), torch.tensor(labels)
+
+
+def edm_sigmas(steps=STEPS):
+    """EDM's time steps: (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0."""
+    i = torch.arange(steps, dtype=torch.float64)
+    s = (SIGMA_MAX ** (1 / RHO) + i / (steps - 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+def exact_denoiser(x, sigma, bank):
+    """Optimal denoiser of the empirical distribution of `bank` [n,D]: x [b,D] -> E[x0 | x] [b,D].
+    Float64, because at sigma = 0.002 the logits -|x-x_i|^2/2sigma^2 are ~1e5 times the distances."""
+    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ bank.T + (bank * bank).sum(1)[None]  # [b,n]
+    return torch.softmax(-d2 / (2 * sigma ** 2), dim=1) @ bank
+
+
+def teacher_sample(z, y, bank, labels, steps=STEPS):
+    """EDM deterministic Heun sampler on the exact class-conditional denoiser: unit noise z [B,3,32,32]
+    and labels y [B] -> teacher images [B,3,32,32] (float32)."""
+    sigmas = edm_sigmas(steps)
+    out = torch.empty(z.shape, dtype=torch.float32)
+    for c in y.unique().tolist():
+        rows = (y == c).nonzero().squeeze(1)
+        images = bank[labels == c].flatten(1).double()  # the class's training images [n,D]
+        x = z[rows].flatten(1).double() * sigmas[0]     # x = 80 z
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            d = (x - exact_denoiser(x, s, images)) / s  # dx/dsigma of the probability-flow ODE
+            x_next = x + (s_next - s) * d
+            if s_next > 0:  # Heun's 2nd-order correction, skipped on the last (Euler) step
+                d_next = (x_next - exact_denoiser(x_next, s_next, images)) / s_next
+                x_next = x + (s_next - s) * (d + d_next) / 2
+            x = x_next
+        out[rows] = x.float().view(-1, *SHAPE)
+    return out
+
+
+def toy_pairs(n, seed, bank, labels, chunk=2000, desc="pairs"):
+    """n teacher pairs with uniform labels from a seeded generator -> Pairs."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *SHAPE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    x = torch.empty_like(z)
+    t0 = time.time()
+    for i in range(0, n, chunk):
+        x[i:i + chunk] = teacher_sample(z[i:i + chunk], y[i:i + chunk], bank, labels)
+        done = min(i + chunk, n)
+        eta = (time.time() - t0) / done * (n - done)
+        print(f"toy teacher: {desc} {done}/{n}, {time.time() - t0:.0f}s, eta {eta:.0f}s", flush=True)
+    return Pairs(z, y, x)
+
+
+def load_toy(n_train=20000, n_heldout=1000, per_class=100, seed=0, cache_dir=None):
+    """Toy teacher pairs, built once and cached; deterministic for (n_train, n_heldout, per_class, seed)."""
+    cache_dir = cache_dir or CACHE_DIR
+    key = hashlib.sha1(f"toy-v1 {n_train} {n_heldout} {per_class} {seed}".encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"toy_{key}.pt")
+    if os.path.exists(path):
+        blob = torch.load(path, weights_only=True)
+    else:
+        bank, labels = draw_images(per_class, seed)
+        train = toy_pairs(n_train, seed + 1, bank, labels, desc="train pairs")
+        held = toy_pairs(n_heldout, seed + 2, bank, labels, desc="held-out pairs")
+        blob = {"bank": bank, "bank_labels": labels, "train": vars(train), "heldout": vars(held),
+                "config": dict(n_train=n_train, n_heldout=n_heldout, per_class=per_class, seed=seed)}
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(blob, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: an interrupted build leaves no half file
+        print(f"toy teacher: cached {n_train} + {n_heldout} pairs in {path}")
+    return Pairs(**blob["train"]), Pairs(**blob["heldout"])
+
+
+# ----------------------------------------------------------------------------------------------
+# GET's EDM CIFAR-10 pairs
+
+def _load_mmap(path):
+    """torch.load of one .pkl, memory-mapped (no full read), with weights_only: plain tensors and lists."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # unreadable, truncated, legacy (non-zip) format, or not tensors
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                        f"Expected a file written by torch.save holding a tensor [n,3,32,32] (or, for "
+                        f"conditional latents, a list [z [n,3,32,32], one-hot labels [n,10]]). Re-download "
+                        f"the file, or check that PATH points at GET's EDM-Cond-CIFAR/EDM-Uncond-CIFAR folder.")
+
+
+def _check(t, path, what, shape_tail, dtypes):
+    if not torch.is_tensor(t) or tuple(t.shape[1:]) != shape_tail or t.dtype not in dtypes:
+        got = f"{t.dtype} {list(t.shape)}" if torch.is_tensor(t) else type(t).__name__
+        raise DataError(f"{path}: expected {what} as a tensor [n,{','.join(map(str, shape_tail))}] of "
+                        f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)}, got {got}.")
+
+
+class GETPairs:
+    """Lazily read pairs from PATH/latent/*.pkl and PATH/image/*.pkl (matched by file name).
+    Each file is memory-mapped once; a batch gathers rows from whichever files hold them."""
+
+    def __init__(self, root, start=0, stop=None):
+        lat_dir, img_dir = os.path.join(root, "latent"), os.path.join(root, "image")
+        for d in (root, lat_dir, img_dir):
+            if not os.path.isdir(d):
+                raise DataError(f"{d} is not a folder. --data PATH expects GET's pair layout: PATH/latent/*.pkl "
+                                f"and PATH/image/*.pkl (see README, 'Real CIFAR-10 pairs'), or use --data toy.")
+        names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(lat_dir, "*.pkl")))
+        if not names:
+            raise DataError(f"{lat_dir} holds no *.pkl files; expected GET's latent files (e.g. 000000000.pkl).")
+        self.files = []  # (z, y or None, x) per file, memory-mapped
+        for name in names:
+            lat_path, img_path = os.path.join(lat_dir, name), os.path.join(img_dir, name)
+            if not os.path.exists(img_path):
+                raise DataError(f"{img_path} is missing: every latent file needs an image file of the same name.")
+            lat, img = _load_mmap(lat_path), _load_mmap(img_path)
+            if isinstance(lat, (list, tuple)):  # conditional: [z, one-hot labels]
+                if len(lat) != 2:
+                    raise DataError(f"{lat_path}: a conditional latent file must be a list [z, one-hot labels], "
+                                    f"got a list of {len(lat)} items.")
+                z, onehot = lat
+                _check(onehot, lat_path, "one-hot labels", (NUM_CLASSES,), (torch.float32, torch.float64,
+                                                                            torch.int64, torch.uint8))
+                y = onehot.argmax(1)
+            else:
+                z, y = lat, None
+            _check(z, lat_path, "noise z", SHAPE, (torch.float32,))
+            _check(img, img_path, "images", SHAPE, (torch.float32, torch.float64))
+            if len(img) != len(z) or (y is not None and len(y) != len(z)):
+                raise DataError(f"{lat_path} and {img_path} hold different numbers of pairs "
+                                f"({len(z)} latents, {len(img)} images).")
+            self.files.append((z, y, img))
+        self.conditional = self.files[0][1] is not None
+        if any((f[1] is not None) != self.conditional for f in self.files):
+            raise DataError(f"{lat_dir} mixes conditional and unconditional latent files.")
+        self.offsets = np.cumsum([0] + [len(f[0]) for f in self.files])  # global index of each file's row 0
+        total = int(self.offsets[-1])
+        self.start, self.stop = start, total if stop is None else stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def batch(self, idx):
+        idx = torch.as_tensor(idx) + self.start
+        file_of = np.searchsorted(self.offsets, idx.numpy(), side="right") - 1
+        z = torch.empty(len(idx), *SHAPE)
+        x = torch.empty(len(idx), *SHAPE)
+        y = torch.full((len(idx),), NUM_CLASSES, dtype=torch.long)  # unconditional: the null class
+        for f in np.unique(file_of):
+            rows = torch.from_numpy(np.nonzero(file_of == f)[0])
+            local = idx[rows] - int(self.offsets[f])
+            fz, fy, fx = self.files[f]
+            z[rows] = fz[local]
+            x[rows] = fx[local].float()
+            if fy is not None:
+                y[rows] = fy[local]
+        return z, y, x
+
+    def split(self, heldout):
+        """The last `heldout` pairs for measurement, the rest for training."""
+        if not 0 < heldout < len(self):
+            raise DataError(f"--holdout {heldout} must be between 1 and the {len(self)} pairs found.")
+        train, held = GETPairs.__new__(GETPairs), GETPairs.__new__(GETPairs)
+        for part in (train, held):
+            part.__dict__.update(self.__dict__)
+        train.stop = held.start = self.stop - heldout
+        return train, held
+
+
+def load_pairs(spec, heldout=1000, **toy_kwargs):
+    """'toy' or a GET folder -> (train Pairs, held-out Pairs)."""
+    if spec == "toy":
+        return load_toy(n_heldout=heldout, **toy_kwargs)
+    return GETPairs(os.path.expanduser(spec)).split(heldout)
+
+
+def class_means(pairs, max_pairs=20000):
+    """Mean teacher image per class [11,3,32,32] (row 10: all classes): the baseline a student must beat."""
+    z, y, x = pairs.batch(torch.arange(min(len(pairs), max_pairs)))
+    means = torch.stack([x[y == c].mean(0) if (y == c).any() else x.mean(0) for c in range(NUM_CLASSES)])
+    return torch.cat([means, x.mean(0, keepdim=True)])
+
+
+def psnr(mse):
+    """PSNR in dB of images on [-1,1] (peak-to-peak 2): 10 log10(4 / MSE)."""
+    return 10 * np.log10(4 / max(float(mse), 1e-12))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", default="toy", help="'toy' (built-in exact teacher) or a folder of GET's pairs")
+    p.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement")
+    p.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs to make")
+    p.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
+    p.add_argument("--seed", type=int, default=0, help="toy: seed of images and noise")
+    args = p.parse_args(argv)
+    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.seed) if args.data == "toy" else {}
+    try:
+        train, held = load_pairs(args.data, args.holdout, **toy)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    means = class_means(train)
+    _, y, x = held.batch(torch.arange(len(held)))
+    mse = ((means[y] - x) ** 2).mean()
+    print(f"{args.data}: {len(train)} training pairs, {len(held)} held-out; x range [{x.min():.2f}, {x.max():.2f}]; "
+          f"class-mean baseline on held-out: L2 {mse:.4f}, PSNR {psnr(mse):.2f} dB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,475 @@
+"""
+One-step distillation of a class-conditional DiT student from teacher noise-image pairs (paper,
+appendix B.1 and C: the GET setup): minimise loss(x, G(z, y)) over the teacher's pairs (z, y, x).
+
+    python distill.py --d 5 --w 64 --h 8                    # quick start: built-in toy teacher, CPU, ~8 min
+    python distill.py --params 5M --data PATH/EDM-Cond-CIFAR  # paper: (7,192,12), LPIPS, 100 epochs
+    torchrun --nproc_per_node 4 distill.py --params 5M --data PATH   # DDP; the global batch stays 256
+    python distill.py ... --resume                          # continue from OUT/ckpt.pt exactly
+
+Writes OUT/ckpt.pt (model, EMA, optimizer, step, RNG states, config), OUT/grid.png (EMA samples,
+CFG 1.5), OUT/metrics.jsonl (held-out metrics per evaluation) and OUT/results.json (the last one).
+ta.py and mi1.py reuse `train()` with an extra loss module; losses live in the LOSSES table.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import dit
+import sample
+
+# ----------------------------------------------------------------------------------------------
+# Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
+
+PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, log_every=100)
+TOY = dict(loss="l2", batch=32, steps=1500, lr=3e-4, log_every=50, eval_every=500)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False, add_help=False)
+    p.add_argument("--help", action="help", help="show this help and exit")
+    g = p.add_argument_group("model (DESIGN.md 2); default: the 0.42M design (5,64,8)")
+    g.add_argument("--d", "--depth", dest="depth", type=int, help="DiT blocks")
+    g.add_argument("--w", "--width", dest="width", type=int, help="embedding width")
+    g.add_argument("--h", "--heads", dest="heads", type=int, help="attention heads (default: the design rule's)")
+    g.add_argument("--params", help="parameter budget (0.42M, 2.2M, 5M): (d,w,h) by the paper's rules")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="toy", help="'toy' (built-in exact EDM teacher) or a folder of GET's pairs")
+    g.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement (never trained on)")
+    g.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs the teacher makes")
+    g.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
+    g = p.add_argument_group("optimisation (paper, appendix C)")
+    g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: l2)")
+    g.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default="vgg", help="LPIPS trunk (GET: vgg)")
+    g.add_argument("--lpips-size", type=int, default=224, help="upsample to this size before LPIPS (0: 32x32)")
+    g.add_argument("--lpips-backbone", help="local trunk weights file (vgg16-397923af.pth / alexnet-owt-"
+                   "7be5be79.pth); 'random' for random weights (tests only)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate, constant (real: 1e-4; toy: 3e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
+    g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
+    g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
+    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1500)")
+    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(ema, (1+n)/(10+n))")
+    g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, label dropout, toy data")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="output folder (default runs/d{d}w{w}h{h}_{loss})")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--log-every", type=int, help="steps between log lines (real: 100; toy: 50)")
+    g.add_argument("--eval-every", type=int, help="steps between held-out eval, grid, checkpoint (real: 1 epoch)")
+    g.add_argument("--cfg-scale", type=float, default=1.5, help="CFG scale of the sample grid (paper 1.5)")
+    g.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (CUDA, CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p
+
+
+class UsageError(Exception):
+    """Bad input a user can fix; printed as one paragraph, exit code 2."""
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: name -> builder(args, device) -> loss(pred, target) scalar. ta.py and mi1.py use the same table.
+
+LPIPS_BACKBONES = {  # the torchvision trunk weights that the lpips package expects, by sha256 prefix
+    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+    "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+}
+
+
+def lpips_backbone_file(net, path=None, download=True):
+    """The trunk weights: --lpips-backbone PATH, else the torch hub cache, else downloaded there
+    (hash checked). Returns None when offline and uncached and download=False; raises otherwise."""
+    name, url = LPIPS_BACKBONES[net]
+    if path:
+        if not os.path.isfile(path):
+            raise UsageError(f"--lpips-backbone {path}: no such file (expected torchvision's {name}).")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if os.path.isfile(cached) or not download:
+        return cached if os.path.isfile(cached) else None
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    try:
+        print(f"downloading the LPIPS {net} trunk {url} -> {cached}")
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(60)
+        torch.hub.download_url_to_file(url, cached, hash_prefix=name.split("-")[-1].split(".")[0])
+        socket.setdefaulttimeout(old)
+        return cached
+    except Exception as e:
+        raise UsageError(f"the LPIPS loss needs torchvision's {net} weights {name}, which are not in the cache "
+                         f"folder {os.path.dirname(cached)} and could not be downloaded from {url} ({e}). Put the "
+                         f"file there (or pass --lpips-backbone FILE), or train offline with --loss l2.")
+
+
+def build_lpips(net, device, backbone=None, download=True):
+    """Frozen LPIPS (inputs on [-1,1]) with the trunk loaded by us, so it never downloads behind our back.
+    backbone='random' keeps random trunk weights (tests). Returns None if unavailable and download=False."""
+    if backbone != "random":
+        backbone = lpips_backbone_file(net, backbone, download)
+        if backbone is None:
+            return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated"
+        import lpips
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)  # linear heads ship with lpips
+    if backbone != "random":
+        weights = torch.load(backbone, map_location="cpu", weights_only=True)
+        # lpips keeps torchvision's layer indices inside its slices: slice2.5.weight <- features.5.weight
+        trunk = {k: weights["features." + k.split(".", 1)[1]] for k in model.net.state_dict()}
+        model.net.load_state_dict(trunk)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def lpips_loss(args, device):
+    net = build_lpips(args.lpips_net, device, args.lpips_backbone)
+    size = args.lpips_size
+
+    def loss(pred, target):
+        if size:  # GET compares at 224x224: both images bilinearly upsampled
+            pred, target = (F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+                            for t in (pred, target))
+        return net(pred.float(), target.float()).mean()
+
+    loss.net = net
+    return loss
+
+
+LOSSES = {
+    "l1": lambda args, device: lambda pred, target: (pred - target).abs().mean(),
+    "l2": lambda args, device: lambda pred, target: ((pred - target) ** 2).mean(),
+    "lpips": lpips_loss,
+}
+
+
+def build_loss(args, device):
+    return LOSSES[args.loss](args, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration, device, processes
+
+def resolve(args):
+    """Fill every None flag; the result is the run's config (a plain dict in every checkpoint)."""
+    defaults = TOY if args.data == "toy" else PAPER
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    try:
+        if args.params:
+            args.depth, args.width, args.heads = dit.design(args.params)
+        elif args.depth is None and args.width is None:
+            args.depth, args.width, args.heads = 5, 64, args.heads or 8
+        elif args.depth is None or args.width is None:
+            raise UsageError("give both --d and --w (or --params BUDGET).")
+        args.heads = args.heads or dit.rule_heads(args.width)
+        dit.check_shape(args.depth, args.width, args.heads)
+    except ValueError as e:
+        raise UsageError(str(e))
+    for flag in ("batch", "steps", "log_every", "eval_every", "holdout"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {v}.")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}.")
+    args.out = args.out or os.path.join("runs", f"d{args.depth}w{args.width}h{args.heads}_{args.loss}")
+    return args
+
+
+def pick_device(name=None):
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}, but this machine has no CUDA device; use --device cpu.")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise UsageError("--device mps, but MPS is not available here; use --device cpu.")
+        if name.split(":")[0] not in ("cuda", "mps", "cpu"):
+            raise UsageError(f"--device {name}: expected cuda, cuda:N, mps or cpu.")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_processes(args):
+    """Single process by default; DDP when started by torchrun (gloo on CPU, NCCL on CUDA).
+    Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, pick_device(args.device)
+    local = int(os.environ["LOCAL_RANK"])
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if args.batch % world:
+        raise UsageError(f"--batch {args.batch} does not split evenly over {world} processes.")
+    return dist.get_rank(), world, device
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain tensors and dicts, written atomically, loadable with weights_only=True
+
+def save_checkpoint(path, model, ema, opt, extra, step, config):
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+             "extra": extra.state_dict() if extra is not None else {}, "step": step,
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+             "config": dict(config)}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken ckpt.pt
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). It must be a DiT-Nano "
+                         f"checkpoint written by distill.py, ta.py or mi1.py.")
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out measurement against the teacher
+
+@torch.no_grad()
+def evaluate(predict, held, device, lpips_net=None, batch=500):
+    """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given."""
+    sq, lp, n = 0.0, 0.0, len(held)
+    for i in range(0, n, batch):
+        z, y, x = (t.to(device) for t in held.batch(torch.arange(i, min(i + batch, n))))
+        pred = predict(z, y).float()
+        sq += ((pred - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
+        if lpips_net is not None:
+            lp += lpips_net(pred, x).sum().item()
+    out = {"l2": sq / n, "psnr": data.psnr(sq / n)}
+    if lpips_net is not None:
+        out["lpips"] = lp / n
+    return out
+
+
+def fmt_metrics(m):
+    return " ".join(f"{k} {v:.4f}" if k != "psnr" else f"psnr {v:.2f} dB" for k, v in m.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+def train(args, extra=None):
+    """The distillation loop. `extra` (optional nn.Module) adds a method's loss terms:
+    extra(model, z, y, x, pred, hidden) -> (loss, {name: float}); its parameters are trained and
+    checkpointed with the student, and hidden states are computed only when extra.needs_hidden."""
+    rank, world, device = setup_processes(args)
+    master = rank == 0
+    log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps a progress bar intact
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: free speed on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    if args.dtype == "bf16" and device.type == "mps":
+        raise UsageError("--dtype bf16 is supported here on CUDA and CPU only; use --dtype fp32 on MPS.")
+    if args.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU does not support bf16; use --dtype fp32.")
+
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise UsageError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out.")
+    if args.resume and not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume.")
+    state = load_checkpoint(ckpt_path) if args.resume else None
+    if state is not None:
+        old = state["config"]
+        for k in ("depth", "width", "heads", "data"):
+            if old[k] != getattr(args, k):
+                raise UsageError(f"--resume: the checkpoint has {k}={old[k]}, this command {k}={getattr(args, k)}; "
+                                 f"resume with the same model and data, or choose another --out.")
+
+    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.seed) if args.data == "toy" else {}
+    if master or args.data != "toy":
+        train_set, held = data.load_pairs(args.data, args.holdout, **toy)
+    if world > 1:
+        dist.barrier()  # rank 0 builds the toy cache, the others then read it
+        if not master and args.data == "toy":
+            train_set, held = data.load_pairs(args.data, args.holdout, **toy)
+    # a missing LPIPS trunk stops the run here, before step 0; the metric uses it whenever it is cached
+    loss_fn = build_loss(args, device)
+    lpips_eval = getattr(loss_fn, "net", None) or build_lpips(args.lpips_net, device, args.lpips_backbone
+                                                              if args.lpips_backbone != "random" else None,
+                                                              download=False)
+    steps_per_epoch = len(train_set) // args.batch
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch {args.batch} is larger than the {len(train_set)} training pairs.")
+    total = args.steps or math.ceil((args.epochs or 1) * steps_per_epoch)
+    eval_every = args.eval_every or steps_per_epoch
+    config = {k: v for k, v in vars(args).items()}
+    config.update(param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
+    log("config: " + json.dumps(config, sort_keys=True))
+
+    torch.manual_seed(args.seed)
+    model = dit.DiT(args.depth, args.width, args.heads).to(device)
+    ema = dit.DiT(args.depth, args.width, args.heads).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if extra is not None:
+        extra.to(device)
+        trainable += [p for p in extra.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step = state["step"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    fwd = torch.compile(model) if args.compile else model
+    if world > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    needs_hidden = extra is not None and getattr(extra, "needs_hidden", False)
+
+    os.makedirs(args.out, exist_ok=True)
+    means = data.class_means(train_set).to(device)
+    baseline = evaluate(lambda z, y: means[y], held, device, lpips_eval)
+    log(f"class-mean baseline (predict the class's mean teacher image) on {len(held)} held-out pairs: "
+        f"{fmt_metrics(baseline)}")
+    if lpips_eval is None:
+        log("LPIPS metric skipped: its trunk weights are not in the torch hub cache (see README).")
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, model, ema, opt, extra, step, config)
+
+    def measure():
+        metrics = evaluate(ema, held, device, lpips_eval)
+        record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": config["param_count"],
+                  "design": [args.depth, args.width, args.heads], "loss": args.loss, "data": args.data,
+                  "wall_s": round(time.time() - t_start + wall_before, 1),
+                  "hardware": f"{platform.processor() or platform.machine()}, {device.type}, "
+                              f"{torch.get_num_threads()} threads, {world} process(es)"}
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        sample.save_grid(ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device)
+        log(f"eval step {step} | ema {fmt_metrics(metrics)} | class-mean psnr {baseline['psnr']:.2f} dB")
+
+    local_batch = args.batch // world
+    wall_before = state["config"].get("wall_s", 0.0) if state is not None else 0.0
+    t_start = t_log = time.time()
+    step_at_start, loss_sum, loss_count = step, torch.zeros((), device=device), 0
+    bar = None
+    model.train()
+    try:
+        while step < total:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if bar is None:
+                bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch}", leave=False,
+                           disable=not master or not sys.stderr.isatty())
+            # data order and label dropout derive from (seed, epoch, step): the same on every rank and
+            # after a resume, so DDP and resumed runs see exactly the batches a single run would
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+            idx = order[in_epoch * args.batch:(in_epoch + 1) * args.batch][rank * local_batch:(rank + 1) * local_batch]
+            z, y, x = (t.to(device, non_blocking=True) for t in train_set.batch(idx))
+            g = torch.Generator().manual_seed(args.seed * 104729 + step)
+            drop = torch.rand(args.batch, generator=g)[rank * local_batch:(rank + 1) * local_batch] < args.label_dropout
+            y = torch.where(drop.to(device), torch.full_like(y, dit.NUM_CLASSES), y)
+
+            with autocast(args, device):
+                out = fwd(z, y, return_hidden=needs_hidden)
+                pred, hidden = out if needs_hidden else (out, None)
+                loss = loss_fn(pred.float(), x)
+                if extra is not None:
+                    extra_loss, _ = extra(model, z, y, x, pred, hidden)
+                    loss = loss + extra_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+            step += 1
+            loss_sum += loss.detach()
+            loss_count += 1
+            bar.update(1)
+            if in_epoch + 1 == steps_per_epoch:
+                bar.close()
+                bar = None
+
+            last = step == total
+            if step % args.log_every == 0 or step % eval_every == 0 or last:
+                mean_loss = (loss_sum / loss_count).item()  # the one host sync per interval
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} in steps {step - loss_count + 1}..{step}")
+                now = time.time()
+                rate = loss_count * args.batch / (now - t_log)
+                eta = (now - t_start) / (step - step_at_start) * (total - step)
+                log(f"step {step}/{total} | loss {mean_loss:.4f} | {rate:.1f} img/s | eta {eta / 60:.1f} min")
+                loss_sum.zero_()
+                loss_count, t_log = 0, now
+            if step % eval_every == 0 or last:
+                config["wall_s"] = round(time.time() - t_start + wall_before, 1)
+                if master:
+                    measure()
+                checkpoint()
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        checkpoint()
+        log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
+        sys.exit(130)
+    except FloatingPointError as e:
+        log(f"error: {e}. Stopped; the last good checkpoint {ckpt_path} is kept (nothing was saved after it). "
+            f"Try a lower --lr, or --dtype fp32.")
+        sys.exit(1)
+    if world > 1:
+        dist.destroy_process_group()
+    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
+        f"samples {os.path.join(args.out, 'grid.png')}")
+    return model, ema
+
+
+def main(argv=None, extra_factory=None, parser=None):
+    """Parse, resolve, train; bad input ends in one paragraph and exit code 2."""
+    args = (parser or get_parser()).parse_args(argv)
+    try:
+        args = resolve(args)
+        extra = extra_factory(args) if extra_factory else None
+        return train(args, extra)
+    except (UsageError, data.DataError) as e:
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()

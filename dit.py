@@ -1,0 +1,275 @@
+"""
+DiT-Nano: a tiny one-step, class-conditional Diffusion Transformer (Peebles & Xie's DiT module list,
+plain PyTorch), its exact parameter and FLOP counts, and the paper's design rules (section 3.2).
+
+    python dit.py --params 5M         # print the design the rules give for a budget
+    python dit.py --d 5 --w 64 --h 8  # print parameters and GFLOP/image of a design
+
+    from dit import DiT, design
+    model = DiT(*design("0.42M"))              # (5, 64, 8): 421,068 parameters
+    x = model(z, y)                            # one pass: noise [B,3,32,32], labels [B] -> image
+    x = model.sample(z, y, cfg_scale=1.5)      # classifier-free guidance, one fused batch
+    x, hidden = model(z, y, return_hidden=True)  # hidden[l]: tokens after block l+1, [B,256,w]
+    x_l = model.decode(hidden[2], y)           # any hidden state -> image via the final layer
+"""
+import argparse
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMG, PATCH, CHANNELS, NUM_CLASSES = 32, 2, 3, 10
+TOKENS = (IMG // PATCH) ** 2  # T = 256 tokens of 2x2x3 pixels
+FREQ_DIM = 256                 # timestep frequency features, as in DiT
+STUDENT_T = 0.0                # the one-step student's constant timestep input (kept for DiT's module list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting and design rules (DESIGN.md section 2)
+
+def param_count(d, w):
+    """All nn.Parameters, pos_embed included: P(d,w) = d(18w^2 + 15w) + 3w^2 + 296w + 12 + 256w."""
+    return d * (18 * w * w + 15 * w) + 3 * w * w + 296 * w + 12 + 256 * w
+
+
+def flops_per_image(d, w, cfg=False):
+    """Forward FLOPs (2 per multiply-add) of one image, matmuls only:
+    2[d(12Tw^2 + 2T^2 w + 6w^2) + 24Tw + 3w^2 + 256w]; CFG runs two passes."""
+    T = TOKENS
+    macs = d * (12 * T * w * w + 2 * T * T * w + 6 * w * w) + 24 * T * w + 3 * w * w + FREQ_DIM * w
+    return 2 * macs * (2 if cfg else 1)
+
+
+def rule_heads(w):
+    """h = min(median(factors(w))): the lower middle factor when the count is even."""
+    factors = [f for f in range(1, w + 1) if w % f == 0]
+    return factors[(len(factors) - 1) // 2]
+
+
+def parse_params(text):
+    """'5M' -> 5_000_000, '0.42M' -> 420_000, '500k' -> 500_000, '421068' -> 421068."""
+    t = str(text).strip().lower().replace(",", "").replace("_", "")
+    scale = {"k": 1e3, "m": 1e6}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale != 1 else t) * scale
+    except ValueError:
+        raise ValueError(f"cannot read the parameter budget {text!r}: write it like 0.42M, 2.2M, 5M, 500k or 421068")
+    if value <= 0:
+        raise ValueError(f"the parameter budget {text!r} must be positive")
+    return int(round(value))
+
+
+def design(params, tolerance=0.01):
+    """The paper's three principles for a parameter budget -> (depth, width, heads).
+    Widths 2^n or 3*2^n; depth floor(log2 w), else one less; take the widest width whose rule depth
+    fits the budget within `tolerance` (the paper's "0.42M" model has 421,068 parameters)."""
+    budget = parse_params(params)
+    widths = sorted({2 ** n for n in range(2, 13)} | {3 * 2 ** n for n in range(1, 12)}, reverse=True)
+    for w in widths:
+        for d in (int(math.log2(w)), int(math.log2(w)) - 1):
+            if d >= 1 and param_count(d, w) <= budget * (1 + tolerance):
+                return d, w, rule_heads(w)
+    raise ValueError(f"no design fits a budget of {budget:,} parameters; the smallest, (1, 4, 2), needs "
+                     f"{param_count(1, 4):,}")
+
+
+def check_shape(depth, width, heads):
+    """A clear error for a design the model cannot build (instead of a shape crash deep in forward)."""
+    problems = []
+    if not 1 <= depth <= 256:
+        problems.append(f"depth {depth} is outside 1..256")
+    if not 4 <= width <= 8192 or width % 4:
+        problems.append(f"width {width} must be a multiple of 4 in 4..8192 (the 2-D sin-cos position "
+                        f"embedding splits it in four)")
+    if heads < 1 or width % heads:
+        problems.append(f"width {width} is not divisible by heads {heads}; heads must divide the width, "
+                        f"e.g. --h {rule_heads(width) if width >= 1 else 1} (the design rule's choice)")
+    if problems:
+        raise ValueError("cannot build DiT(depth=%d, width=%d, heads=%d): %s." % (depth, width, heads,
+                                                                                 "; ".join(problems)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model (DiT, Peebles & Xie 2023), in the order of its module list
+
+def modulate(x, shift, scale):
+    # adaLN: x [B,T,w], shift/scale [B,w] from the conditioning vector
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_2d(width, grid):
+    """Fixed 2-D sin-cos position embedding [grid*grid, width]: half the channels encode the column,
+    half the row, each as [sin, cos] of geometric frequencies (MAE/DiT's formula)."""
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))  # [w/4]
+    col, row = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))  # [grid,grid]
+
+    def embed_1d(pos):
+        out = np.outer(pos.reshape(-1), omega)  # [grid*grid, w/4]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # DiT's order: the first half of the channels encodes the column index, the second the row index
+    return np.concatenate([embed_1d(col), embed_1d(row)], axis=1).astype(np.float32)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t -> 256 sinusoidal frequencies -> MLP -> [B,w]. Constant for the one-step student."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        half = FREQ_DIM // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,C/h]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B,h,T,C/h], the fused kernel where available
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero: the class vector c sets shift/scale/gate of both
+    sub-layers; gates start at zero so every block starts as the identity."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6x[B,w]
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, PATCH * PATCH * CHANNELS)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B,T,2*2*3]
+
+
+class DiT(nn.Module):
+    def __init__(self, depth=5, width=64, heads=8, num_classes=NUM_CLASSES):
+        super().__init__()
+        check_shape(depth, width, heads)
+        self.depth, self.width, self.heads, self.num_classes = depth, width, heads, num_classes
+        self.x_embedder = nn.Conv2d(CHANNELS, width, kernel_size=PATCH, stride=PATCH)  # "PatchEmbed"
+        self.t_embedder = TimestepEmbedder(width)
+        self.y_embedder = nn.Embedding(num_classes + 1, width)  # last row: the CFG null class
+        self.pos_embed = nn.Parameter(torch.zeros(1, TOKENS, width), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.final_layer = FinalLayer(width)
+        self.register_buffer("t", torch.tensor([STUDENT_T]), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # DiT's scheme: xavier-uniform linears with zero bias; N(0, 0.02) label and timestep embeddings;
+        # zero adaLN modulations and output layer (adaLN-Zero), so the untrained model outputs zeros.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.width, IMG // PATCH)).unsqueeze(0))
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                         self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition(self, y):
+        """Class labels [B] (num_classes = null) -> conditioning vector c [B,w] = t_emb + y_emb."""
+        return self.t_embedder(self.t.expand(y.shape[0])) + self.y_embedder(y)
+
+    def head(self, x, c):
+        """Tokens [B,T,w] and conditioning c [B,w] -> image [B,3,32,32]: final layer, then unpatchify."""
+        x = self.final_layer(x, c)  # [B,T,p*p*3]
+        g = IMG // PATCH
+        x = x.view(-1, g, g, PATCH, PATCH, CHANNELS)  # [B,gh,gw,p,p,3]
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(-1, CHANNELS, IMG, IMG)
+
+    def decode(self, x, y):
+        """Any hidden state [B,T,w] -> image, through this model's own final layer (adaLN on class y)."""
+        return self.head(x, self.condition(y))
+
+    def forward(self, z, y, return_hidden=False):
+        """Noise z [B,3,32,32], labels y [B] -> image [B,3,32,32] in one pass.
+        With return_hidden, also the list of hidden states after each block (d x [B,T,w])."""
+        c = self.condition(y)  # [B,w]
+        x = self.x_embedder(z).flatten(2).transpose(1, 2) + self.pos_embed  # [B,T,w]
+        hidden = []
+        for block in self.blocks:
+            x = block(x, c)
+            hidden.append(x)
+        image = self.head(x, c)
+        return (image, hidden) if return_hidden else image
+
+    @torch.no_grad()
+    def sample(self, z, y, cfg_scale=1.5):
+        """Classifier-free guidance: x = x_u + s (x_c - x_u), both halves in one fused batch;
+        s = 1 is a single conditional pass."""
+        if cfg_scale == 1:
+            return self(z, y)
+        null = torch.full_like(y, self.num_classes)
+        cond, uncond = self(torch.cat([z, z]), torch.cat([y, null])).chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False, add_help=False)
+    p.add_argument("--help", action="help", help="show this help and exit")
+    p.add_argument("--params", help="parameter budget, e.g. 0.42M, 2.2M, 5M: print the rules' design")
+    p.add_argument("--d", "--depth", dest="depth", type=int, help="number of DiT blocks")
+    p.add_argument("--w", "--width", dest="width", type=int, help="embedding width")
+    p.add_argument("--h", "--heads", dest="heads", type=int, help="attention heads (default: the rule's)")
+    args = p.parse_args(argv)
+    try:
+        if args.params:
+            d, w, h = design(args.params)
+        elif args.depth and args.width:
+            d, w = args.depth, args.width
+            h = args.heads or rule_heads(w)
+        else:
+            raise ValueError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS]")
+        check_shape(d, w, h)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"DiT(d={d}, w={w}, h={h}): {param_count(d, w):,} parameters, "
+          f"{flops_per_image(d, w) / 1e9:.3f} GFLOP/image (x2 with CFG)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""
+DiT-Nano's test suite: CPU only, no downloads, a few minutes.
+
+    python -m pytest test_all.py
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import dit
+import distill
+import sample
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--d", "2", "--w", "32", "--h", "4"]  # 32k-parameter student for fast loops
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A private toy-pair cache: tests never touch data/ and share one small teacher run."""
+    d = str(tmp_path_factory.mktemp("toy_cache"))
+    data.CACHE_DIR = d
+    os.environ["DIT_NANO_CACHE"] = d  # for subprocesses
+    return d
+
+
+def toy_flags(cache):
+    return ["--data", "toy", "--toy-pairs", "256", "--toy-per-class", "8", "--holdout", "32"]
+
+
+def run_script(*argv, env=None, **kw):
+    """Run one of the repo's scripts in a fresh interpreter; returns CompletedProcess (text)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True, env=full_env,
+                          timeout=300, **kw)
+
+
+def assert_clean_error(result, *phrases):
+    """Exit code 2, one message naming the problem, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, (phrase, result.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# dit.py
+
+@pytest.mark.parametrize("d,w,h,expected", [(5, 64, 8, 421_068), (7, 128, 8, 2_197_644), (7, 192, 12, 4_881_612),
+                                            (1, 128, 8, None), (21, 32, 4, None), (3, 12, 3, None)])
+def test_parameter_count_matches_formula(d, w, h, expected):
+    counted = sum(p.numel() for p in dit.DiT(d, w, h).parameters())
+    assert counted == dit.param_count(d, w)
+    if expected:
+        assert counted == expected
+
+
+def test_design_rules_give_papers_rows():
+    assert dit.design("0.42M") == (5, 64, 8)
+    assert dit.design("2.2M") == (7, 128, 8)
+    assert dit.design("5M") == (7, 192, 12)
+    # heads rule against the paper's tables: 48 -> 6, 32 -> 4, 96 -> 8, 256 -> 16, 192 -> 12
+    assert [dit.rule_heads(w) for w in (48, 32, 96, 256, 192, 64, 128)] == [6, 4, 8, 16, 12, 8, 8]
+    assert dit.parse_params("500k") == 500_000 and dit.parse_params("421,068") == 421_068
+    with pytest.raises(ValueError, match="cannot read"):
+        dit.parse_params("five million")
+
+
+def test_flop_count_matches_torch_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    for d, w, h in [(5, 64, 8), (2, 96, 8)]:
+        model = dit.DiT(d, w, h)
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 32, 32), torch.tensor([3]))
+        assert counter.get_total_flops() == dit.flops_per_image(d, w)
+    assert dit.flops_per_image(7, 192, cfg=True) == 2 * dit.flops_per_image(7, 192)
+
+
+def test_forward_hidden_decode_and_cfg():
+    torch.manual_seed(0)
+    model = dit.DiT(3, 32, 4)
+    for p in model.parameters():  # leave the zero init so outputs and gates are non-trivial
+        p.data.add_(0.05 * torch.randn_like(p))
+    z, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 10])
+    x, hidden = model(z, y, return_hidden=True)
+    assert x.shape == (4, 3, 32, 32) and len(hidden) == 3 and hidden[1].shape == (4, 256, 32)
+    assert torch.allclose(model.decode(hidden[-1], y), x, atol=1e-6)  # last hidden through the head = output
+    assert torch.allclose(model.sample(z, y, cfg_scale=1), x)
+    null = torch.full_like(y, 10)
+    guided = model(z, null) + 1.5 * (model(z, y) - model(z, null))
+    assert torch.allclose(model.sample(z, y, cfg_scale=1.5), guided, atol=1e-5)
+
+
+def test_zero_init_outputs_zero():
+    assert dit.DiT(2, 32, 4)(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])).abs().max() == 0  # adaLN-Zero
+
+
+@pytest.mark.parametrize("d,w,h,phrase", [(5, 64, 7, "not divisible by heads"), (0, 64, 8, "depth 0"),
+                                          (5, 66, 6, "multiple of 4"), (5, 2, 1, "multiple of 4")])
+def test_bad_shapes_raise_clear_errors(d, w, h, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        dit.DiT(d, w, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: toy teacher and GET layout
+
+def test_toy_teacher_is_exact():
+    bank, labels = data.draw_images(6, seed=1)
+    assert bank.shape == (60, 3, 32, 32) and bank.min() >= -1 and bank.max() <= 1
+    images = bank[labels == 4].flatten(1).double()
+    # at tiny sigma the optimal denoiser returns the nearest training image
+    x = images[2:3] + 0.001 * torch.randn(1, images.shape[1], dtype=torch.float64)
+    assert torch.allclose(data.exact_denoiser(x, 0.002, images), images[2:3], atol=1e-6)
+    # at huge sigma it returns the class mean
+    assert torch.allclose(data.exact_denoiser(x, 1e4, images), images.mean(0, keepdim=True), atol=1e-4)
+    # the sampled teacher images land on training images of their own class
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, 10, (20,), generator=g)
+    out = data.teacher_sample(z, y, bank, labels)
+    dist = torch.cdist(out.flatten(1), bank.flatten(1))
+    assert (labels[dist.argmin(1)] == y).all()
+    assert (dist.min(1).values ** 2 / 3072).max() < 1e-4
+
+
+def test_edm_sigmas():
+    s = data.edm_sigmas()
+    assert len(s) == 19 and s[0] == 80 and abs(s[17] - 0.002) < 1e-12 and s[18] == 0
+    assert (s[1:] < s[:-1]).all()
+
+
+def test_toy_pairs_are_cached_and_deterministic(cache, tmp_path):
+    a_train, a_held = data.load_toy(64, 8, per_class=4, seed=3, cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 1
+    b_train, b_held = data.load_toy(64, 8, per_class=4, seed=3, cache_dir=str(tmp_path / "other"))
+    assert torch.equal(a_train.x, b_train.x) and torch.equal(a_held.z, b_held.z)
+    assert not torch.equal(a_train.z[:8], a_held.z)  # held-out noise is not training noise
+
+
+def write_get_folder(root, n_files=2, per_file=5, conditional=True, image_dtype=torch.float32):
+    """A tiny folder in GET's layout: latent/NNNNNNNNN.pkl, image/NNNNNNNNN.pkl (torch.save)."""
+    os.makedirs(root / "latent")
+    os.makedirs(root / "image")
+    g = torch.Generator().manual_seed(0)
+    for f in range(n_files):
+        z = torch.randn(per_file, 3, 32, 32, generator=g)
+        labels = torch.randint(0, 10, (per_file,), generator=g)
+        x = torch.tanh(z).to(image_dtype)
+        latent = [z, torch.nn.functional.one_hot(labels, 10).float()] if conditional else z
+        torch.save(latent, root / "latent" / f"{f:09d}.pkl")
+        torch.save(x, root / "image" / f"{f:09d}.pkl")
+    return root
+
+
+@pytest.mark.parametrize("conditional,image_dtype", [(True, torch.float32), (False, torch.float64)])
+def test_get_layout_loads_lazily(tmp_path, conditional, image_dtype):
+    root = write_get_folder(tmp_path / "pairs", conditional=conditional, image_dtype=image_dtype)
+    train, held = data.load_pairs(str(root), heldout=3)
+    assert len(train) == 7 and len(held) == 3
+    z, y, x = train.batch(torch.tensor([6, 0, 5]))  # rows 6 and 5 in file 1, row 0 in file 0
+    lat1 = torch.load(root / "latent" / "000000001.pkl", weights_only=True)
+    z1 = lat1[0] if conditional else lat1
+    assert torch.equal(z[0], z1[1]) and torch.equal(z[2], z1[0])
+    assert x.dtype == torch.float32 and torch.allclose(x, torch.tanh(z), atol=1e-6)
+    if conditional:
+        assert torch.equal(y[0], lat1[1][1].argmax())
+    else:
+        assert (y == 10).all()  # unconditional pairs train the null class
+    hz, _, _ = held.batch(torch.tensor([0]))
+    assert torch.equal(hz[0], z1[2])  # held-out = the last pairs
+
+
+def test_get_layout_errors(tmp_path):
+    with pytest.raises(data.DataError, match="is not a folder"):
+        data.load_pairs(str(tmp_path / "missing"))
+    root = write_get_folder(tmp_path / "a")
+    torch.save(torch.zeros(5, 3, 28, 28), root / "image" / "000000001.pkl")
+    with pytest.raises(data.DataError, match=r"image.*000000001.pkl: expected images as a tensor \[n,3,32,32\]"):
+        data.load_pairs(str(root))
+    root = write_get_folder(tmp_path / "b")
+    torch.save(torch.zeros(5, 3, 32, 32, dtype=torch.int32), root / "latent" / "000000000.pkl")
+    with pytest.raises(data.DataError, match="noise z.*float32, got torch.int32"):
+        data.load_pairs(str(root))
+    root = write_get_folder(tmp_path / "c")
+    (root / "image" / "000000000.pkl").write_bytes(b"not a torch file")
+    with pytest.raises(data.DataError, match="cannot read .*000000000.pkl"):
+        data.load_pairs(str(root))
+    root = write_get_folder(tmp_path / "d")
+    os.remove(root / "image" / "000000001.pkl")
+    with pytest.raises(data.DataError, match="000000001.pkl is missing"):
+        data.load_pairs(str(root))
+
+
+# ----------------------------------------------------------------------------------------------
+# distill.py: losses, training, checkpoints
+
+def test_every_loss_is_finite_with_gradients():
+    args = distill.get_parser().parse_args(["--lpips-backbone", "random", "--lpips-size", "64"])
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 32, 32) * 2 - 1
+    for name in distill.LOSSES:
+        args.loss = name
+        loss_fn = distill.build_loss(args, torch.device("cpu"))
+        pred = torch.zeros(2, 3, 32, 32, requires_grad=True)
+        value = loss_fn(pred, target)
+        value.backward()
+        assert value.ndim == 0 and torch.isfinite(value) and value > 0, name
+        assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0, name
+
+
+def test_lpips_net_is_frozen():
+    net = distill.build_lpips("alex", "cpu", backbone="random")
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+
+
+def train_args(cache, out, *extra):
+    return toy_flags(cache) + TINY + ["--out", str(out), "--batch", "16", "--log-every", "5"] + list(extra)
+
+
+def test_tiny_overfit_lowers_loss(cache, tmp_path):
+    _, held = data.load_toy(256, 32, per_class=8, seed=0)
+    args = distill.resolve(distill.get_parser().parse_args(train_args(cache, tmp_path, "--steps", "1")))
+    loss_fn = distill.build_loss(args, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = dit.DiT(2, 32, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    z, y, x = held.batch(torch.arange(16))
+    losses = []
+    for _ in range(100):
+        loss = loss_fn(model(z, y), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_training_run_writes_everything(cache, tmp_path):
+    distill.main(train_args(cache, tmp_path, "--steps", "10", "--eval-every", "5"))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 10 and state["config"]["depth"] == 2 and state["config"]["loss"] == "l2"
+    assert set(state) >= {"model", "ema", "optimizer", "step", "rng", "config"}
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"psnr"' in lines[0]
+    assert (tmp_path / "grid.png").exists() and (tmp_path / "results.json").exists()
+    # the EMA moved away from its (zero-output) start but lags the model
+    assert not torch.equal(state["ema"]["final_layer.linear.weight"], state["model"]["final_layer.linear.weight"])
+
+
+def test_resume_is_exact(cache, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    distill.main(train_args(cache, straight, "--steps", "20", "--eval-every", "10"))
+    distill.main(train_args(cache, split, "--steps", "10", "--eval-every", "10"))
+    distill.main(train_args(cache, split, "--steps", "20", "--eval-every", "10", "--resume"))
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(split / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned(args, device):
+        def loss(pred, target):
+            calls["n"] += 1
+            value = ((pred - target) ** 2).mean()
+            return value * float("nan") if calls["n"] > 7 else value
+        return loss
+
+    monkeypatch.setitem(distill.LOSSES, "l2", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        distill.main(train_args(cache, tmp_path, "--steps", "20", "--eval-every", "5"))
+    assert stop.value.code == 1
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_is_not_overwritten_without_resume(cache, tmp_path):
+    distill.main(train_args(cache, tmp_path, "--steps", "5"))
+    with pytest.raises(SystemExit) as stop:
+        distill.main(train_args(cache, tmp_path, "--steps", "5"))
+    assert stop.value.code == 2
+
+
+def test_ddp_two_processes_matches_single_process(cache, tmp_path):
+    # long flag names: torchrun's own parser would take --d and --h as abbreviations of its options
+    flags = [{"--d": "--depth", "--w": "--width", "--h": "--heads"}.get(f, f)
+             for f in train_args(cache, tmp_path / "ddp", "--steps", "4", "--eval-every", "4")]
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                        "distill.py", *flags, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    distill.main(train_args(cache, tmp_path / "single", "--steps", "4", "--eval-every", "4"))
+    a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=True)
+    assert a["config"]["world"] == 2
+    for name in b["model"]:  # same global batch, gradients averaged over ranks = one big batch
+        assert torch.allclose(a["model"][name], b["model"][name], atol=1e-5), name
+
+
+def test_ctrl_c_saves_a_checkpoint(cache, tmp_path):
+    proc = subprocess.Popen([sys.executable, "distill.py", *train_args(cache, tmp_path, "--steps", "100000",
+                                                                         "--log-every", "2")],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] >= 2 and "--resume" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py
+
+def test_sample_grid_and_npz(cache, tmp_path):
+    distill.main(train_args(cache, tmp_path, "--steps", "2"))
+    model, cfg = sample.load_model(str(tmp_path / "ckpt.pt"))
+    assert cfg["width"] == 32 and not model.training
+    images, labels = sample.generate(model, 25, batch=10)
+    assert images.shape == (25, 32, 32, 3) and images.dtype == np.uint8 and list(labels[:11]) == list(range(10)) + [0]
+    again, _ = sample.generate(model, 25, batch=7)
+    assert np.array_equal(images, again)  # fixed seeds, whatever the batch
+    sample.save_grid(model, str(tmp_path / "g.png"), per_class=3)
+    from PIL import Image
+    assert Image.open(tmp_path / "g.png").size == (3 * 32, 10 * 32)
+    pixels = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)  # [B,3,H,W]
+    assert sample.to_uint8(pixels)[0, 0, :, 0].tolist() == [0, 128, 255, 255]  # EDM's x*127.5+128, clipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Error paths of the command lines: exit code 2, one clear message, no traceback
+
+def test_cli_errors(cache, tmp_path):
+    assert_clean_error(run_script("distill.py", "--d", "5", "--w", "64", "--h", "7"), "not divisible by heads")
+    assert_clean_error(run_script("distill.py", "--data", str(tmp_path / "nope")), "is not a folder")
+    assert_clean_error(run_script("distill.py", "--steps", "0"), "--steps must be a positive integer")
+    # LPIPS offline with an empty cache: stops before step 0 naming the file, the folder and --loss l2
+    r = run_script("distill.py", "--loss", "lpips", *toy_flags(cache), "--out", str(tmp_path / "l"),
+                   env={"TORCH_HOME": str(tmp_path / "hub")})
+    assert_clean_error(r, "vgg16-397923af.pth", str(tmp_path / "hub"), "--loss l2")
+    assert not (tmp_path / "l" / "ckpt.pt").exists()
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "bad.pt")), "not a DiT-Nano checkpoint")
+    assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "none.pt")), "no checkpoint")
+    assert_clean_error(run_script("dit.py", "--params", "lots"), "cannot read the parameter budget")
