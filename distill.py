@@ -35,7 +35,7 @@ import sample
 # Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
 
 PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, log_every=100)
-TOY = dict(loss="l2", batch=32, steps=1500, lr=3e-4, log_every=50, eval_every=500)
+TOY = dict(loss="l2", batch=32, steps=1200, lr=3e-4, log_every=50, eval_every=400)
 
 
 def get_parser():
@@ -62,7 +62,7 @@ def get_parser():
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
-    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1500)")
+    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1200)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(ema, (1+n)/(10+n))")
     g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order, label dropout, toy data")
