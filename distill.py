@@ -396,12 +396,12 @@ def train(args, extra=None):
     try:
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            if bar is None:
+            if bar is None:  # a new epoch (or the first after a resume)
                 bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch}", leave=False,
                            disable=not master or not sys.stderr.isatty())
-            # data order and label dropout derive from (seed, epoch, step): the same on every rank and
-            # after a resume, so DDP and resumed runs see exactly the batches a single run would
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+                # data order and label dropout derive from (seed, epoch, step): the same on every rank and
+                # after a resume, so DDP and resumed runs see exactly the batches a single run would
+                order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
             idx = order[in_epoch * args.batch:(in_epoch + 1) * args.batch][rank * local_batch:(rank + 1) * local_batch]
             z, y, x = (t.to(device, non_blocking=True) for t in train_set.batch(idx))
             g = torch.Generator().manual_seed(args.seed * 104729 + step)
