@@ -2,7 +2,7 @@
 One-step distillation of a class-conditional DiT student from teacher noise-image pairs (paper,
 appendix B.1 and C: the GET setup): minimise loss(x, G(z, y)) over the teacher's pairs (z, y, x).
 
-    python distill.py --d 5 --w 64 --h 8                    # quick start: built-in toy teacher, CPU, ~8 min
+    python distill.py --d 5 --w 64 --h 8                    # quick start: built-in toy teacher, CPU, ~7 min
     python distill.py --params 5M --data PATH/EDM-Cond-CIFAR  # paper: (7,192,12), LPIPS, 100 epochs
     torchrun --nproc_per_node 4 distill.py --params 5M --data PATH   # DDP; the global batch stays 256
     python distill.py ... --resume                          # continue from OUT/ckpt.pt exactly
@@ -75,6 +75,7 @@ def get_parser():
     g.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (CUDA, CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.set_defaults(method="distill")  # ta.py and mi1.py set their own; recorded in the config
     return p
 
 
@@ -191,7 +192,8 @@ def resolve(args):
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {v}.")
     if args.epochs is not None and args.epochs <= 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}.")
-    args.out = args.out or os.path.join("runs", f"d{args.depth}w{args.width}h{args.heads}_{args.loss}")
+    prefix = "" if args.method == "distill" else args.method + "_"  # runs/ta_d5w64h8_l2 for ta.py
+    args.out = args.out or os.path.join("runs", f"{prefix}d{args.depth}w{args.width}h{args.heads}_{args.loss}")
     return args
 
 
@@ -285,10 +287,14 @@ def fmt_metrics(m):
 # ----------------------------------------------------------------------------------------------
 # Training
 
-def train(args, extra=None):
-    """The distillation loop. `extra` (optional nn.Module) adds a method's loss terms:
-    extra(model, z, y, x, pred, hidden) -> (loss, {name: float}); its parameters are trained and
-    checkpointed with the student, and hidden states are computed only when extra.needs_hidden."""
+def train(args, make_extra=None):
+    """The distillation loop: loss = base_weight * loss(x, pred) + extra terms.
+
+    make_extra(args, device, loss_fn) -> nn.Module, the hook ta.py and mi1.py use to add a method's terms:
+    extra(model, z, y, x, pred, hidden) -> (loss, {term name: detached scalar}). Its trainable parameters
+    are optimised and checkpointed with the student (frozen networks it holds must not be submodules).
+    Attributes it may set: needs_hidden (hidden states are computed only then), base_weight (lambda_0 of
+    the plain term, default 1; 0 skips it) and config_keys (flags that must match on --resume)."""
     rank, world, device = setup_processes(args)
     master = rank == 0
     log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps a progress bar intact
@@ -306,12 +312,6 @@ def train(args, extra=None):
     if args.resume and not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume.")
     state = load_checkpoint(ckpt_path) if args.resume else None
-    if state is not None:
-        old = state["config"]
-        for k in ("depth", "width", "heads", "data"):
-            if old[k] != getattr(args, k):
-                raise UsageError(f"--resume: the checkpoint has {k}={old[k]}, this command {k}={getattr(args, k)}; "
-                                 f"resume with the same model and data, or choose another --out.")
 
     toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.seed) if args.data == "toy" else {}
     if master or args.data != "toy":
@@ -330,27 +330,39 @@ def train(args, extra=None):
         raise UsageError(f"--batch {args.batch} is larger than the {len(train_set)} training pairs.")
     total = args.steps or math.ceil((args.epochs or 1) * steps_per_epoch)
     eval_every = args.eval_every or steps_per_epoch
-    config = {k: v for k, v in vars(args).items()}
-    config.update(param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
-    log("config: " + json.dumps(config, sort_keys=True))
 
     torch.manual_seed(args.seed)
     model = dit.DiT(args.depth, args.width, args.heads).to(device)
     ema = dit.DiT(args.depth, args.width, args.heads).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # the method's module is built after the student, so its student starts exactly as distill.py's would
+    extra = make_extra(args, device, loss_fn) if make_extra else None
+    if state is not None:  # a resume must not change the run's settings
+        old = state["config"]
+        for k in ("depth", "width", "heads", "data", *getattr(extra, "config_keys", ())):
+            if old.get(k) != getattr(args, k):
+                raise UsageError(f"--resume: the checkpoint has {k}={old.get(k)}, this command "
+                                 f"{k}={getattr(args, k)}; resume with the same settings, or choose another --out.")
+    config = {k: v for k, v in vars(args).items()}
+    config.update(param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
+    log("config: " + json.dumps(config, sort_keys=True))
     if extra is not None:
         extra.to(device)
-        trainable += [p for p in extra.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + extra_params, lr=args.lr,
+                            weight_decay=args.weight_decay)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         if extra is not None:
-            extra.load_state_dict(state["extra"])
+            try:
+                extra.load_state_dict(state["extra"])
+            except RuntimeError as e:
+                raise UsageError(f"--resume: {ckpt_path} holds method weights that do not fit this run ({e}); "
+                                 f"resume with the same settings, or choose another --out.")
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -360,6 +372,7 @@ def train(args, extra=None):
     if world > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     needs_hidden = extra is not None and getattr(extra, "needs_hidden", False)
+    base_weight = getattr(extra, "base_weight", 1.0)
 
     os.makedirs(args.out, exist_ok=True)
     means = data.class_means(train_set).to(device)
@@ -376,7 +389,8 @@ def train(args, extra=None):
     def measure():
         metrics = evaluate(ema, held, device, lpips_eval)
         record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": config["param_count"],
-                  "design": [args.depth, args.width, args.heads], "loss": args.loss, "data": args.data,
+                  "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
+                  "data": args.data,
                   "wall_s": round(time.time() - t_start + wall_before, 1),
                   "hardware": f"{platform.processor() or platform.machine()}, {device.type}, "
                               f"{torch.get_num_threads()} threads, {world} process(es)"}
@@ -391,6 +405,7 @@ def train(args, extra=None):
     wall_before = state["config"].get("wall_s", 0.0) if state is not None else 0.0
     t_start = t_log = time.time()
     step_at_start, loss_sum, loss_count = step, torch.zeros((), device=device), 0
+    term_sums = {}  # the method's terms, summed between log lines like the loss
     bar = None
     model.train()
     try:
@@ -411,12 +426,18 @@ def train(args, extra=None):
             with autocast(args, device):
                 out = fwd(z, y, return_hidden=needs_hidden)
                 pred, hidden = out if needs_hidden else (out, None)
-                loss = loss_fn(pred.float(), x)
+                loss = base_weight * loss_fn(pred.float(), x) if base_weight else 0.0
                 if extra is not None:
-                    extra_loss, _ = extra(model, z, y, x, pred, hidden)
+                    extra_loss, terms = extra(model, z, y, x, pred, hidden)
                     loss = loss + extra_loss
+                    for k, v in terms.items():
+                        term_sums[k] = term_sums.get(k, 0.0) + v
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # DDP averages the student's gradients; the method's own weights are averaged here
+                for p in extra_params:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
             opt.step()
             ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
             step += 1
@@ -435,8 +456,10 @@ def train(args, extra=None):
                 now = time.time()
                 rate = loss_count * args.batch / (now - t_log)
                 eta = (now - t_start) / (step - step_at_start) * (total - step)
-                log(f"step {step}/{total} | loss {mean_loss:.4f} | {rate:.1f} img/s | eta {eta / 60:.1f} min")
+                terms = "".join(f" | {k} {v.item() / loss_count:.4f}" for k, v in term_sums.items())
+                log(f"step {step}/{total} | loss {mean_loss:.4f}{terms} | {rate:.1f} img/s | eta {eta / 60:.1f} min")
                 loss_sum.zero_()
+                term_sums.clear()
                 loss_count, t_log = 0, now
             if step % eval_every == 0 or last:
                 config["wall_s"] = round(time.time() - t_start + wall_before, 1)
@@ -460,13 +483,14 @@ def train(args, extra=None):
     return model, ema
 
 
-def main(argv=None, extra_factory=None, parser=None):
-    """Parse, resolve, train; bad input ends in one paragraph and exit code 2."""
+def main(argv=None, make_extra=None, parser=None, check=None):
+    """Parse, resolve, check (a method's flag validation), train; bad input ends in one paragraph, exit 2."""
     args = (parser or get_parser()).parse_args(argv)
     try:
         args = resolve(args)
-        extra = extra_factory(args) if extra_factory else None
-        return train(args, extra)
+        if check:
+            check(args)
+        return train(args, make_extra)
     except (UsageError, data.DataError) as e:
         fail(e)
 

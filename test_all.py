@@ -3,7 +3,9 @@ DiT-Nano's test suite: CPU only, no downloads, a few minutes.
 
     python -m pytest test_all.py
 """
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +18,9 @@ import torch
 import data
 import dit
 import distill
+import mi1
 import sample
+import ta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--d", "2", "--w", "32", "--h", "4"]  # 32k-parameter student for fast loops
@@ -341,6 +345,126 @@ def test_sample_grid_and_npz(cache, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# mi1.py and ta.py
+
+def test_mi1_trajectory_targets():
+    g = torch.Generator().manual_seed(0)
+    z, x0 = torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    assert torch.equal(mi1.trajectory_point(z, x0, 0), x0)
+    assert torch.allclose(mi1.trajectory_point(z, x0, 1), 80 * z / math.sqrt(1 + 80 ** 2), atol=1e-5)
+    sigmas = mi1.sigma(torch.linspace(0, 1, 101, dtype=torch.float64))
+    assert (sigmas.diff() > 0).all() and math.isclose(sigmas[0], 0.002) and math.isclose(sigmas[-1], 80)
+    # mid-way: sigma is the 7th power of the mean of the end points' 7th roots, and x(t) the VP mix
+    s = ((0.002 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
+    assert math.isclose(mi1.sigma(0.5), s) and 2.5 < s < 2.53
+    eps = z - x0 / 80
+    mix = x0 / math.sqrt(1 + s * s) + s / math.sqrt(1 + s * s) * eps
+    assert torch.allclose(mi1.trajectory_point(z, x0, 0.5), mix, atol=1e-6)
+
+
+def test_mi1_every_mapped_layer_gets_gradient():
+    torch.manual_seed(0)
+    model = dit.DiT(6, 32, 4)
+    for p in model.parameters():  # leave adaLN-Zero's zero start, which would block every gradient
+        p.data.normal_(0, 0.05)
+    args = mi1.get_parser().parse_args(["--d", "6", "--layers", "2,4,6", "--t", "0.66,0.33,0"])
+    extra = mi1.MultiInOne(mi1.parse_mapping(args), lambda a, b: ((a - b) ** 2).mean())
+    z, y, x = torch.randn(2, 3, 32, 32), torch.tensor([1, 10]), torch.rand(2, 3, 32, 32)
+    pred, hidden = model(z, y, return_hidden=True)
+    loss, terms = extra(model, z, y, x, pred, hidden)
+    loss.backward()
+    assert set(terms) == {"l2@t0.66", "l4@t0.33"}
+    grads = [b.attn.qkv.weight.grad for b in model.blocks]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:4])  # blocks feeding layers 2 and 4
+    assert all(g is None for g in grads[4:])  # blocks 5 and 6 only feed the final output (distill's term)
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0  # x_hat_l decodes through the final layer
+
+
+@pytest.mark.parametrize("layers,times,phrase", [("3,5", "0.5,0", "final block"), ("4,2,6", "0.5,0.2,0", "increasing"),
+                                                 ("3,6", "1.5,0", "in [0, 1]"), ("3,6", "0.5", "one time per"),
+                                                 ("3,6", "0.5,0.1", "must be 0"), ("3,7", "0.5,0", "final block")])
+def test_mi1_bad_mappings(layers, times, phrase):
+    args = mi1.get_parser().parse_args(["--layers", layers, "--t", times])
+    with pytest.raises(distill.UsageError, match=re.escape(phrase)):
+        mi1.parse_mapping(distill.resolve(args))
+
+
+def test_mi1_runs_resumes_and_samples(cache, tmp_path):
+    flags = toy_flags(cache) + ["--d", "4", "--w", "32", "--h", "4", "--layers", "2,4", "--t", "0.5,0",
+                                "--batch", "16", "--log-every", "2", "--eval-every", "3"]
+    mi1.main(flags + ["--out", str(tmp_path / "straight"), "--steps", "6"])
+    mi1.main(flags + ["--out", str(tmp_path / "split"), "--steps", "3"])
+    mi1.main(flags + ["--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "split"))
+    assert a["config"]["method"] == "mi1" and a["config"]["layers"] == "2,4"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    model, _ = sample.load_model(str(tmp_path / "split" / "ckpt.pt"))
+    assert sample.generate(model, 4)[0].shape == (4, 32, 32, 3)
+
+
+@pytest.fixture(scope="session")
+def ta_ckpt(cache, tmp_path_factory):
+    """A tiny TA, distilled first like any student (wider and deeper than TINY's student)."""
+    out = tmp_path_factory.mktemp("ta")
+    distill.main(toy_flags(cache) + ["--d", "3", "--w", "48", "--h", "4", "--steps", "4", "--batch", "16",
+                                     "--out", str(out)])
+    return str(out / "ckpt.pt")
+
+
+def test_ta_is_frozen_while_student_and_expansion_learn(ta_ckpt):
+    teacher_assistant, _ = ta.load_ta(ta_ckpt, "cpu")
+    for p in teacher_assistant.parameters():  # a TA with non-zero gates, so that every path carries gradient
+        p.data.normal_(0, 0.05)
+    before = {k: v.clone() for k, v in teacher_assistant.state_dict().items()}
+    torch.manual_seed(0)
+    student = dit.DiT(2, 32, 4)
+    for p in student.parameters():
+        p.data.normal_(0, 0.05)
+    pairs = ta.parse_feature_layers("penultimate", 2, 3)
+    extra = ta.TeachingAssistant(teacher_assistant, 32, pairs, (1.0, 1.0, 1.0), lambda a, b: (a - b).abs().mean())
+    assert pairs == [(1, 2)] and "ta" not in extra.state_dict() and set(extra.state_dict()) == {
+        "expand.0.weight", "expand.0.bias"}
+    student_before, expand_before = student.state_dict()["blocks.0.attn.qkv.weight"].clone(), extra.expand[0].weight.clone()
+    opt = torch.optim.AdamW(list(student.parameters()) + list(extra.parameters()), lr=1e-2)
+    z, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 10])
+    pred, hidden = student(z, y, return_hidden=True)
+    loss, terms = extra(student, z, y, torch.rand(4, 3, 32, 32), pred, hidden)
+    loss.backward()
+    opt.step()
+    assert set(terms) == {"ta", "feat1:2"}
+    assert all(p.grad is None for p in teacher_assistant.parameters()) and not teacher_assistant.training
+    assert all(torch.equal(v, before[k]) for k, v in teacher_assistant.state_dict().items())
+    assert not torch.equal(student.state_dict()["blocks.0.attn.qkv.weight"], student_before)
+    assert not torch.equal(extra.expand[0].weight, expand_before)
+
+
+@pytest.mark.parametrize("row", [[], ["--feature-weight", "1"], ["--teacher-weight", "1", "--feature-weight", "1"]])
+def test_ta_table3_rows_run(cache, ta_ckpt, tmp_path, row):
+    flags = train_args(cache, tmp_path, "--ta", ta_ckpt, "--steps", "3", "--eval-every", "3", *row)
+    ta.main(flags)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["config"]["ta_design"] == [3, 48, 4] and state["step"] == 3
+    assert bool(state["extra"]) == ("--feature-weight" in row)  # the expansion is saved with the student
+    sample.load_model(str(tmp_path / "ckpt.pt"))
+
+
+def test_ta_resumes_exactly_and_refuses_another_ta(cache, ta_ckpt, tmp_path):
+    flags = ["--ta", ta_ckpt, "--feature-weight", "1", "--eval-every", "3"]
+    ta.main(train_args(cache, tmp_path / "straight", *flags, "--steps", "6"))
+    ta.main(train_args(cache, tmp_path / "split", *flags, "--steps", "3"))
+    ta.main(train_args(cache, tmp_path / "split", *flags, "--steps", "6", "--resume"))
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "split"))
+    for key in ("model", "extra"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    wider = tmp_path / "wider"
+    distill.main(toy_flags(cache) + ["--d", "3", "--w", "64", "--h", "4", "--steps", "1", "--out", str(wider)])
+    with pytest.raises(SystemExit) as stop:
+        ta.main(train_args(cache, tmp_path / "split", "--ta", str(wider / "ckpt.pt"), "--feature-weight", "1",
+                           "--steps", "8", "--resume"))
+    assert stop.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------
 # Error paths of the command lines: exit code 2, one clear message, no traceback
 
 def test_cli_errors(cache, tmp_path):
@@ -356,3 +480,8 @@ def test_cli_errors(cache, tmp_path):
     assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "bad.pt")), "not a DiT-Nano checkpoint")
     assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "none.pt")), "no checkpoint")
     assert_clean_error(run_script("dit.py", "--params", "lots"), "cannot read the parameter budget")
+    assert_clean_error(run_script("ta.py", *toy_flags(cache)), "needs --ta CKPT")
+    assert_clean_error(run_script("ta.py", "--ta", str(tmp_path / "none.pt"), *toy_flags(cache), "--out",
+                                  str(tmp_path / "t")), "no checkpoint")
+    assert_clean_error(run_script("ta.py", "--ta", "x.pt", "--ta-weight", "0"), "not all 0")
+    assert_clean_error(run_script("mi1.py", "--layers", "3,5"), "final block")

@@ -1,0 +1,107 @@
+"""
+Multi-In-One (MI1, paper section 2 and appendix B.3): teach a one-step student the teacher's diffusion
+trajectory by mapping trajectory points to its layers. Block l's hidden state, decoded into an image by
+the student's own final layer, is pulled towards the teacher trajectory at time t_l:
+
+    L_MI1 = sum_l loss(x(t_l), x_hat_l),   the last mapped layer being the output with t = 0 (plain target)
+
+    python mi1.py --layers 3,6 --t 0.5,0                # Table 4, row (3, 6); 6-layer toy student
+    python mi1.py --layers 2,4,6 --t 0.66,0.33,0        # Table 4, row (2, 4, 6)
+    python mi1.py --d 6 --w 128 --layers 3,6 --t 0.5,0 --data PATH/EDM-Cond-CIFAR   # real pairs, LPIPS
+
+The targets come from the stored pair (z, x0) through the forward PF-ODE (DESIGN.md 5, which fixes the
+paper's printed time direction and sigma_min): eps = z - x0/80,
+sigma(t) = (0.002^(1/7) + t (80^(1/7) - 0.002^(1/7)))^7, x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2),
+x(0) = x0. So t = 0 is the image and t = 1 the scaled noise 80 z / sqrt(1 + 80^2). All other flags are
+distill.py's; checkpoints are distill.py's format (sample.py and fid.py read them).
+"""
+import torch
+import torch.nn as nn
+
+import distill
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7  # EDM's schedule (Karras et al. 2022)
+
+
+def get_parser():
+    p = distill.get_parser()
+    g = p.add_argument_group("Multi-In-One (paper appendix B.3, Table 4)")
+    g.add_argument("--layers", default="3,6", help="student blocks (1-based, increasing) that get a trajectory "
+                   "target; the last must be the final block")
+    g.add_argument("--t", dest="times", default="0.5,0", help="trajectory time per mapped layer, in [0,1] "
+                   "(1: noise, 0: image); the last must be 0")
+    # Table 4's student has 6 layers; the width is the toy default's (the paper does not give it)
+    p.set_defaults(method="mi1", depth=6, width=64)
+    return p
+
+
+def sigma(t):
+    """EDM's rho-schedule read forwards: sigma(0) = 0.002, sigma(1) = 80, monotone increasing in t."""
+    return (SIGMA_MIN ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - SIGMA_MIN ** (1 / RHO))) ** RHO
+
+
+def trajectory_point(z, x0, t):
+    """x(t) on the teacher's PF-ODE trajectory through (z, x0), in the variance-preserving scaling
+    x(t) = sqrt(alpha) x0 + sqrt(1 - alpha) eps with alpha = 1/(1 + sigma^2). z, x0: [B,3,32,32]."""
+    if t == 0:
+        return x0  # the image itself (sigma(0) = 0.002 would leave a trace of noise)
+    eps = z - x0 / SIGMA_MAX  # inverts x(1) = (x0 + 80 eps)/sqrt(1 + 80^2) = 80 z/sqrt(1 + 80^2)
+    s = sigma(t)
+    return (x0 + s * eps) / (1 + s * s) ** 0.5
+
+
+def parse_mapping(args):
+    """--layers/--t -> [(layer, t)], checked against the student's depth; raises UsageError."""
+    try:
+        layers = [int(v) for v in args.layers.split(",")]
+        times = [float(v) for v in args.times.split(",")]
+    except ValueError:
+        raise distill.UsageError(f"--layers {args.layers} --t {args.times}: expected comma-separated integers "
+                                 f"and numbers, e.g. --layers 3,6 --t 0.5,0.")
+    if len(layers) != len(times):
+        raise distill.UsageError(f"--layers has {len(layers)} entries but --t has {len(times)}: give one time "
+                                 f"per mapped layer.")
+    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
+        raise distill.UsageError(f"--layers {args.layers}: layers must be increasing block numbers from 1.")
+    if layers[-1] != args.depth:
+        raise distill.UsageError(f"--layers {args.layers}: the last mapped layer must be the final block "
+                                 f"{args.depth} of this {args.depth}-block student (it carries the plain "
+                                 f"target); use --d {layers[-1]} or end --layers with {args.depth}.")
+    if any(not 0 <= t <= 1 for t in times):
+        raise distill.UsageError(f"--t {args.times}: every time must lie in [0, 1] (1: noise, 0: image).")
+    if times[-1] != 0:
+        raise distill.UsageError(f"--t {args.times}: the last time must be 0, the image target of the final "
+                                 f"layer.")
+    return list(zip(layers, times))
+
+
+class MultiInOne(nn.Module):
+    """The intermediate terms of L_MI1; the final layer's t = 0 term is distill.py's plain loss.
+    Has no weights of its own: x_hat_l decodes hidden[l-1] with the student's own final layer."""
+    needs_hidden = True
+    config_keys = ("layers", "times")
+
+    def __init__(self, mapping, loss_fn):
+        super().__init__()
+        self.mapping, self.loss_fn = mapping[:-1], loss_fn
+
+    def forward(self, model, z, y, x, pred, hidden):
+        total, terms = 0.0, {}
+        for layer, t in self.mapping:
+            x_hat = model.decode(hidden[layer - 1], y).float()  # [B,3,32,32] from block `layer`'s tokens
+            term = self.loss_fn(x_hat, trajectory_point(z, x, t))
+            total = total + term
+            terms[f"l{layer}@t{t:g}"] = term.detach()
+        return total, terms
+
+
+def make_extra(args, device, loss_fn):
+    return MultiInOne(parse_mapping(args), loss_fn)
+
+
+def main(argv=None):
+    return distill.main(argv, make_extra, get_parser(), check=parse_mapping)
+
+
+if __name__ == "__main__":
+    main()
