@@ -11,7 +11,6 @@ Writes OUT/ckpt.pt (model, EMA, optimizer, step, RNG states, config), OUT/grid.p
 CFG 1.5), OUT/metrics.jsonl (held-out metrics per evaluation) and OUT/results.json (the last one).
 ta.py and mi1.py reuse `train()` with an extra loss module; losses live in the LOSSES table.
 """
-import argparse
 import json
 import math
 import os
@@ -39,14 +38,7 @@ TOY = dict(loss="l2", batch=32, steps=1200, lr=3e-4, log_every=50, eval_every=40
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False, add_help=False)
-    p.add_argument("--help", action="help", help="show this help and exit")
-    g = p.add_argument_group("model (DESIGN.md 2); default: the 0.42M design (5,64,8)")
-    g.add_argument("--d", "--depth", dest="depth", type=int, help="DiT blocks")
-    g.add_argument("--w", "--width", dest="width", type=int, help="embedding width")
-    g.add_argument("--h", "--heads", dest="heads", type=int, help="attention heads (default: the design rule's)")
-    g.add_argument("--params", help="parameter budget (0.42M, 2.2M, 5M): (d,w,h) by the paper's rules")
+    p, g = dit.design_parser(__doc__, "model (DESIGN.md 2); default: the 0.42M design (5,64,8)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="toy", help="'toy' (built-in exact EDM teacher) or a folder of GET's pairs")
     g.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement (never trained on)")
@@ -176,14 +168,7 @@ def resolve(args):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     try:
-        if args.params:
-            args.depth, args.width, args.heads = dit.design(args.params)
-        elif args.depth is None and args.width is None:
-            args.depth, args.width, args.heads = 5, 64, args.heads or 8
-        elif args.depth is None or args.width is None:
-            raise UsageError("give both --d and --w (or --params BUDGET).")
-        args.heads = args.heads or dit.rule_heads(args.width)
-        dit.check_shape(args.depth, args.width, args.heads)
+        args.depth, args.width, args.heads = dit.resolve_design(args, default=(5, 64, 8))
     except ValueError as e:
         raise UsageError(str(e))
     for flag in ("batch", "steps", "log_every", "eval_every", "holdout"):

@@ -246,24 +246,42 @@ class DiT(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 
+def design_parser(doc, title="model"):
+    """An argparse parser with --help and the design flags --d/--w/--h or --params, the one way every
+    script names a design (no -h for help: --h is the heads). -> (parser, the flags' group)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False, add_help=False)
+    parser.add_argument("--help", action="help", help="show this help and exit")
+    g = parser.add_argument_group(title)
+    g.add_argument("--d", "--depth", dest="depth", type=int, help="DiT blocks")
+    g.add_argument("--w", "--width", dest="width", type=int, help="embedding width")
+    g.add_argument("--h", "--heads", dest="heads", type=int, help="attention heads (default: the design rule's)")
+    g.add_argument("--params", help="parameter budget (0.42M, 2.2M, 5M): (d,w,h) by the paper's rules")
+    return parser, g
+
+
+def resolve_design(args, default=None):
+    """The flags of design_parser -> a checked (d, w, h); `default` when none is given. Raises ValueError."""
+    if args.params and (args.depth or args.width):
+        raise ValueError("give --params BUDGET or --d/--w/--h, not both.")
+    if args.params:
+        return design(args.params)
+    if args.depth is None and args.width is None:
+        if default is None:
+            raise ValueError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS].")
+        d, w, h = default[0], default[1], args.heads or default[2]
+    elif args.depth is None or args.width is None:
+        raise ValueError("give both --d and --w (or --params BUDGET).")
+    else:
+        d, w, h = args.depth, args.width, args.heads or rule_heads(args.width)
+    check_shape(d, w, h)
+    return d, w, h
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False, add_help=False)
-    p.add_argument("--help", action="help", help="show this help and exit")
-    p.add_argument("--params", help="parameter budget, e.g. 0.42M, 2.2M, 5M: print the rules' design")
-    p.add_argument("--d", "--depth", dest="depth", type=int, help="number of DiT blocks")
-    p.add_argument("--w", "--width", dest="width", type=int, help="embedding width")
-    p.add_argument("--h", "--heads", dest="heads", type=int, help="attention heads (default: the rule's)")
-    args = p.parse_args(argv)
+    parser, _ = design_parser(__doc__)
     try:
-        if args.params:
-            d, w, h = design(args.params)
-        elif args.depth and args.width:
-            d, w = args.depth, args.width
-            h = args.heads or rule_heads(w)
-        else:
-            raise ValueError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS]")
-        check_shape(d, w, h)
+        d, w, h = resolve_design(parser.parse_args(argv))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,6 @@ sigma(t) = (0.002^(1/7) + t (80^(1/7) - 0.002^(1/7)))^7, x(t) = (x0 + sigma(t) e
 x(0) = x0. So t = 0 is the image and t = 1 the scaled noise 80 z / sqrt(1 + 80^2). All other flags are
 distill.py's; checkpoints are distill.py's format (sample.py and fid.py read them).
 """
-import torch
 import torch.nn as nn
 
 import distill

@@ -3,18 +3,20 @@ DiT-Nano's test suite: CPU only, no downloads, a few minutes.
 
     python -m pytest test_all.py
 """
+import json
 import math
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import bench
 import data
 import dit
 import distill
@@ -78,7 +80,6 @@ def test_design_rules_give_papers_rows():
 
 
 def test_flop_count_matches_torch_counter():
-    from torch.utils.flop_counter import FlopCounterMode
     for d, w, h in [(5, 64, 8), (2, 96, 8)]:
         model = dit.DiT(d, w, h)
         with FlopCounterMode(display=False) as counter:
@@ -462,6 +463,181 @@ def test_ta_resumes_exactly_and_refuses_another_ta(cache, ta_ckpt, tmp_path):
         ta.main(train_args(cache, tmp_path / "split", "--ta", str(wider / "ckpt.pt"), "--feature-weight", "1",
                            "--steps", "8", "--resume"))
     assert stop.value.code == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py
+
+CPU = torch.device("cpu")
+FAST = ["--device", "cpu", "--n", "4", "--batch", "4", "--repeats", "1", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def bench_model():
+    return bench.random_dit(2, 32, 4, seed=1)
+
+
+def mode_images(bench_model, mode, cfg_scale=1.5, batch=6):
+    """A mode's images and the plain fp32 model's, for the same noise and labels (incl. CFG's null class)."""
+    z = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        run, z_buffer, y = bench.build(bench_model, bench.parse_mode(mode, CPU), cfg_scale, batch, CPU)
+        z_buffer.copy_(z)
+        return run().clone(), bench_model.sample(z, y, cfg_scale)
+
+
+@pytest.mark.parametrize("mode,tolerance", [("lut", 1e-5), ("bf16", 5e-2), ("bf16+lut", 5e-2), ("fp16", 2e-2),
+                                            ("bf16-weights+lut", 5e-2)])
+@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
+def test_modes_match_fp32(bench_model, mode, tolerance, cfg_scale):
+    images, reference = mode_images(bench_model, mode, cfg_scale)
+    scale = reference.abs().max().item()
+    assert scale > 0.1  # random weights: real images, not adaLN-Zero's zeros
+    err = (images - reference).abs().max().item()
+    assert err <= tolerance * scale, (mode, err, scale)
+    if mode != "lut":  # reduced precision really ran (autocast silently disables unsupported dtypes)
+        assert err > 1e-5 * scale, (mode, err)
+
+
+def test_compile_matches_fp32_on_cpu(bench_model):
+    images, reference = mode_images(bench_model, "compile+lut", 1.5)
+    assert (images - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
+
+
+def test_fold_shares_weights_and_leaves_the_model_intact(bench_model):
+    folded = bench.fold_adaln(bench_model)
+    assert folded.blocks[0].attn.qkv.weight is bench_model.blocks[0].attn.qkv.weight
+    assert isinstance(bench_model.blocks[0].adaLN_modulation, torch.nn.Sequential)  # the DiT keeps its modulation
+    assert folded.blocks[1].adaLN_modulation.table.shape == (dit.NUM_CLASSES + 1, 6 * 32)
+    assert folded.final_layer.adaLN_modulation.table.shape == (dit.NUM_CLASSES + 1, 2 * 32)
+    assert not hasattr(folded, "t_embedder") and hasattr(bench_model, "t_embedder")
+    z, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, dit.NUM_CLASSES])  # incl. the null class
+    with torch.no_grad():
+        torch.testing.assert_close(folded(z, y), bench_model(z, y), atol=1e-5, rtol=0)
+
+
+def test_a_mode_that_differs_is_not_timed(bench_model, monkeypatch):
+    def broken_fold(m):  # a fold that is wrong for one class: the check must catch it
+        folded = real_fold(m)
+        folded.final_layer.adaLN_modulation.table[3] += 0.5
+        return folded
+    real_fold = bench.fold_adaln
+    monkeypatch.setattr(bench, "fold_adaln", broken_fold)
+    with pytest.raises(bench.AccuracyError, match="differs from fp32"):
+        bench.latency(bench_model, n=10, batch=10, mode="lut", device="cpu", repeats=1, warmup=0)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
+def test_flop_count_matches_pytorch_flop_counter(bench_model, cfg_scale):
+    batch = 3
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        bench_model.sample(torch.randn(batch, 3, 32, 32), torch.arange(batch), cfg_scale)
+    cfg = cfg_scale != 1
+    assert counter.get_total_flops() == batch * dit.flops_per_image(bench_model.depth, bench_model.width, cfg)
+    r = bench.latency(bench_model, n=3, batch=3, mode="fp32", cfg_scale=cfg_scale, device="cpu", repeats=1, warmup=0)
+    assert r["gflop_per_image"] * 1e9 == dit.flops_per_image(bench_model.depth, bench_model.width, cfg)
+
+
+def test_latency_reports_consistent_numbers(bench_model):
+    r = bench.latency((2, 32, 4), n=10, batch=4, mode="bf16+lut", cfg_scale=1.5, device="cpu", repeats=3, warmup=1)
+    assert r["batches"] == 3 and r["design"] == [2, 32, 4] and r["params"] == dit.param_count(2, 32)
+    assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
+    assert r["images_per_s"] == pytest.approx(10 / r["seconds"])
+    assert r["ms_per_batch"] == pytest.approx(r["seconds"] / 3 * 1e3)
+    assert r["seconds_per_50k"] == pytest.approx(r["seconds"] * 5000) and r["extrapolated"]
+    assert r["tflops"] == pytest.approx(dit.flops_per_image(2, 32, cfg=True) * 10 / r["seconds"] / 1e12)
+    assert 0 < r["max_err"] <= r["tolerance"] * r["image_scale"] and r["matmul_tflops"] > 0
+
+
+def test_onnx_export_matches_onnxruntime(bench_model, tmp_path):
+    import onnx
+    import onnxruntime
+    path = str(tmp_path / "g.onnx")
+    err = bench.export_onnx(bench_model, path, batch=4, cfg_scale=1.5)
+    assert err is not None and err < 1e-4
+    graph = onnx.load(path).graph
+    assert [i.name for i in graph.input] == ["noise", "labels"]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [4, 3, 32, 32]  # static batch
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    z = torch.randn(4, 3, 32, 32)
+    (images,) = session.run(None, {"noise": z.numpy(), "labels": torch.tensor([1, 2, 3, 4], dtype=torch.int32).numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(images), bench_model.sample(z, torch.tensor([1, 2, 3, 4])),
+                                   atol=1e-4, rtol=0)
+
+
+def test_onnx_cli_prints_trtexec(tmp_path, capsys):
+    path = str(tmp_path / "m.onnx")
+    bench.main(["--d", "1", "--w", "16", "--h", "2", "--device", "cpu", "--batch", "2", "--onnx", path])
+    out = capsys.readouterr().out
+    assert os.path.getsize(path) > 0 and f"trtexec --onnx={path}" in out and "max error" in out
+
+
+def test_sweep_has_a_row_per_design(tmp_path, capsys):
+    results = tmp_path / "run1"
+    results.mkdir()
+    (results / "results.json").write_text(json.dumps({"design": [5, 64, 8], "fid": 30.5, "ema": {"psnr": 14.0}}))
+    (tmp_path / "other.json").write_text(json.dumps({"design": [2, 32, 4], "fid": 60.0, "ema": {"psnr": 11.0}}))
+    out, plot = tmp_path / "sweep.md", tmp_path / "fig.png"
+    rows = bench.main(["--sweep", "--device", "cpu", "--n", "2", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                       "--modes", "lut", "--sweep-out", str(out), "--plot", str(plot),
+                       "--results", str(tmp_path / "run*" / "results.json"), str(tmp_path / "other.json")])
+    table = out.read_text()
+    expected = [(r.depth, r.width, r.heads) for r in bench.TABLE6] + [(2, 32, 4)]  # + the run's own design
+    assert [tuple(r["design"]) for r in rows] == expected
+    for d, w, h in expected:
+        assert table.count(f"| ({d},{w},{h}) |") == 1
+    assert "extrapolated" in table and "FID (runs" in table
+    assert "| (5,64,8) | 0.42M proposed | 421,068 |" in table and "| 30.50 |" in table and "| 60.00 |" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_modes_parse_on_every_device():
+    for kind in ("cpu", "cuda", "mps"):
+        for mode in bench.BASE_MODES[kind] + [bench.fastest_mode(torch.device(kind))]:
+            assert bench.parse_mode(mode, torch.device(kind)).name == mode
+
+
+def test_compile_mode_defaults_and_graph_conflict():
+    cuda = torch.device("cuda")  # parsing and choosing need no GPU
+    assert bench.pick_compile_mode(None, bench.parse_mode("bf16-weights+lut+compile+graph", cuda), cuda) == \
+        "max-autotune-no-cudagraphs"
+    assert bench.pick_compile_mode(None, bench.parse_mode("compile", cuda), cuda) == "max-autotune"
+    assert bench.pick_compile_mode(None, bench.parse_mode("compile", CPU), CPU) == "default"
+    with pytest.raises(bench.UsageError, match="makes its own CUDA graphs"):
+        bench.pick_compile_mode("reduce-overhead", bench.parse_mode("lut+compile+graph", cuda), cuda)
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["--device", "tpu"], "expected cuda, cuda:N, mps or cpu"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--n", "0"], "--n must be a positive integer"),
+    (["--batch", "-3"], "--batch must be a positive integer"),
+    (["--modes", "fp8"], "cannot read mode 'fp8'"),
+    (["--modes", "tf32", "--device", "cpu"], "needs a CUDA device"),
+    (["--modes", "lut+graph", "--device", "cpu"], "needs a CUDA device"),
+    (["--modes", "bf16-weights", "--device", "cpu"], "need the LUT fold"),
+    (["--d", "5", "--w", "60", "--h", "8", "--device", "cpu"], "not divisible by heads"),
+    (["--ckpt", "missing.pt", "--device", "cpu"], "no checkpoint at missing.pt"),
+    (["--sweep", "--device", "cpu", "--results", "nothing/*.json"], "matches no file"),
+])
+def test_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and phrase in err and "Traceback" not in err
+
+
+def test_cli_error_is_one_paragraph_without_traceback():
+    result = subprocess.run([sys.executable, "bench.py", "--n", "abc"], cwd=HERE, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--n" in result.stderr
+    result = subprocess.run([sys.executable, "bench.py", *FAST, "--d", "1", "--w", "16", "--modes", "lut"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| lut | 1.5 |" in result.stdout and "| lut | 1 |" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------

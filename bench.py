@@ -1,0 +1,673 @@
+"""
+Latency and throughput of DiT-Nano generators on CPU, CUDA (incl. Jetson) and MPS, the paper's
+design-space sweep (Tables 2, 5, 6) and its size / quality / speed trade-off plot (Figure 4).
+
+    python bench.py --d 7 --w 192 --h 12                # 50k images at batch 128, CFG 1.5 and 1, default modes
+    python bench.py --params 5M --modes bf16-weights+lut+compile+graph   # the fastest CUDA mode alone
+    python bench.py --ckpt runs/d5w64h8_l2/ckpt.pt --device cpu --threads 2 --n 1024
+    python bench.py --sweep --results 'runs/*/results.json' --sweep-out sweep.md --plot tradeoff.png
+    python bench.py --params 5M --onnx dit5m.onnx       # Jetson: export, then time it with the printed trtexec
+
+    from bench import latency
+    r = latency((5, 64, 8), n=1024, batch=128, mode="lut", cfg_scale=1.5, device="cpu", repeats=3)
+    r["images_per_s"], r["seconds_per_50k"], r["max_err"]
+
+A mode is a precision and optional transforms joined by '+': fp32 | tf32 | bf16 | fp16 (autocast) |
+bf16-weights (weights and activations in bf16), then lut (per-class adaLN lookup table), compile
+(torch.compile), graph (CUDA graph of one whole batch). Every mode's images are compared with the plain
+fp32 model's before it is timed. Timing: warm-up, then the median (and min-max) of repeats, each of which
+generates all n images batch by batch (noise drawn on the device); CUDA is timed with CUDA events.
+"""
+import contextlib
+import copy
+import glob
+import importlib.util
+import inspect
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections import namedtuple
+
+import torch
+import torch.nn as nn
+
+import dit
+import sample
+from distill import UsageError, fail, pick_device
+
+
+def get_parser():
+    p, g = dit.design_parser(__doc__, "model (default: the paper's 5M design (7,192,12)); random weights unless --ckpt")
+    g.add_argument("--ckpt", help="time a trained checkpoint's EMA weights instead")
+    g = p.add_argument_group("timing")
+    g.add_argument("--n", type=int, help="images per repeat (default 50,000; a CPU --sweep: 256, extrapolated)")
+    g.add_argument("--batch", type=int, default=128, help="images per batch (paper 128; CFG runs 2x in one pass)")
+    g.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5, 1.0],
+                   help="CFG scales to time: 1.5 (paper, fused 2B batch) and 1 (one pass)")
+    g.add_argument("--modes", help="comma-separated modes, e.g. fp32,bf16+lut,bf16-weights+lut+compile+graph "
+                   "(default: a set per device; --sweep: the device's fastest)")
+    g.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on CUDA, "
+                   "max-autotune-no-cudagraphs with +graph; default on CPU)")
+    g.add_argument("--repeats", type=int, default=5, help="timed repeats of all n images; the median is reported")
+    g.add_argument("--warmup", type=int, default=3, help="untimed batches after the accuracy check")
+    g.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and the noise")
+    g.add_argument("--json", help="also write every measurement as a JSON list to this file")
+    g = p.add_argument_group("design-space sweep (Tables 2 and 6, Figure 4)")
+    g.add_argument("--sweep", action="store_true", help="time every design of Table 6 (Table 2's rows included)")
+    g.add_argument("--designs", nargs="+", help="time these D,W,H designs instead of Table 6's, e.g. 5,64,8 7,128,8")
+    g.add_argument("--results", nargs="+", help="results.json files or globs (distill.py, fid.py): adds quality")
+    g.add_argument("--sweep-out", default="sweep.md", help="Markdown table the sweep writes")
+    g.add_argument("--plot", default="tradeoff.png", help="PNG of Figure 4's three panels the sweep draws")
+    g = p.add_argument_group("Jetson / TensorRT")
+    g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
+                   "and print the trtexec command that times it; nothing else is timed")
+    g.add_argument("--opset", type=int, default=18, help="ONNX opset: 18 for TensorRT 10 (JetPack 6.1+), "
+                   "17 for TensorRT 8.x (JetPack 5, 6.0)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's numbers. Table 6: latency (s) of 50k images at batch 128, CFG 1.5, on a Jetson Orin (Nano),
+# and FID; its 0.42M rows are Table 2 (names from Table 2; the 2.2M/5M names follow Figure 4's families).
+
+PaperRow = namedtuple("PaperRow", "name budget depth width heads jetson_s fid")
+TABLE6 = [PaperRow("wider", "0.42M", 1, 128, 8, 97.5, 57.07),
+          PaperRow("wide", "0.42M", 2, 96, 8, 123.6, 34.78),
+          PaperRow("lower heads", "0.42M", 5, 64, 4, 162.6, 29.66),
+          PaperRow("proposed", "0.42M", 5, 64, 8, 198.7, 29.14),
+          PaperRow("deep", "0.42M", 9, 48, 6, 259.0, 28.52),
+          PaperRow("deeper", "0.42M", 21, 32, 4, 411.7, 32.81),
+          PaperRow("wide", "2.2M", 3, 192, 12, 233.2, 16.40),
+          PaperRow("proposed", "2.2M", 7, 128, 8, 322.6, 13.95),
+          PaperRow("deep", "2.2M", 13, 96, 8, 493.7, 12.76),
+          PaperRow("wide", "5M", 4, 256, 16, 367.6, 11.74),
+          PaperRow("deep", "5M", 16, 128, 8, 657.9, 10.25),
+          PaperRow("proposed", "5M", 7, 192, 12, 460.9, 10.32)]
+PER_50K = 50_000  # the paper's sample count: latencies are "seconds per 50k images"
+
+# ----------------------------------------------------------------------------------------------
+# Modes. tolerance: the largest max|image - fp32 image| allowed, relative to max|fp32 image|. Measured on
+# random-weight models of all Table 6 designs (CPU, batch 8, CFG 1.5): bf16 autocast <= 1.2%, bf16 weights
+# <= 2.4%, fp16 <= 0.15% (TF32 keeps fp16's 10 mantissa bits); the tolerances leave 3-10x margin.
+
+Precision = namedtuple("Precision", "autocast weights tf32 tolerance")
+PRECISIONS = {"fp32": Precision(None, None, False, 5e-4),
+              "tf32": Precision(None, None, True, 2e-2),
+              "bf16": Precision(torch.bfloat16, None, False, 8e-2),
+              "fp16": Precision(torch.float16, None, False, 2e-2),
+              "bf16-weights": Precision(None, torch.bfloat16, False, 8e-2)}
+TRANSFORMS = ("lut", "compile", "graph")
+Mode = namedtuple("Mode", "name precision lut compile graph")
+BASE_MODES = {"cuda": ["fp32", "tf32", "bf16", "bf16+lut", "bf16-weights+lut+graph"],
+              "cpu": ["fp32", "lut", "bf16+lut", "bf16-weights+lut"], "mps": ["fp32", "lut"]}  # + the fastest
+
+
+def fastest_mode(device):
+    """The mode a sweep times by default: every lever this device and install support. torch.compile needs
+    Triton on CUDA (Jetson's PyTorch often lacks it) and a C++ compiler on CPU; bf16 pays on a CPU only where
+    its matmuls beat fp32's (AVX512-BF16, AMX, recent Arm), so the CPU's own rates decide."""
+    if device.type == "cuda":
+        return "bf16-weights+lut" + ("+compile" if importlib.util.find_spec("triton") else "") + "+graph"
+    if device.type == "cpu":
+        bf16 = matmul_rate(device, torch.bfloat16) > matmul_rate(device, torch.float32)
+        compiler = shutil.which("g++") or shutil.which("clang++")
+        return ("bf16-weights+lut" if bf16 else "lut") + ("+compile" if compiler else "")
+    return "fp16+lut"
+
+
+def parse_mode(text, device):
+    """'bf16-weights+lut+compile+graph' -> Mode, or a UsageError naming what this device cannot run."""
+    tokens = text.strip().lower().split("+")
+    precisions = [t for t in tokens if t in PRECISIONS]
+    unknown = [t for t in tokens if t not in PRECISIONS and t not in TRANSFORMS]
+    if unknown or len(precisions) > 1 or len(set(tokens)) != len(tokens):
+        raise UsageError(f"cannot read mode {text!r}: write at most one precision ({', '.join(PRECISIONS)}) and "
+                         f"any of {', '.join(TRANSFORMS)}, joined by '+', e.g. bf16+lut+compile.")
+    precision = precisions[0] if precisions else "fp32"
+    transforms = [t for t in TRANSFORMS if t in tokens]
+    name = "+".join(([precision] if precision != "fp32" or not transforms else []) + transforms)  # fp32 implied
+    mode = Mode(name, precision, "lut" in tokens, "compile" in tokens, "graph" in tokens)
+    if (mode.graph or PRECISIONS[precision].tf32) and device.type != "cuda":
+        raise UsageError(f"mode {mode.name} needs a CUDA device (TF32 and CUDA graphs are NVIDIA features); "
+                         f"this run is on {device.type}. Drop tf32/graph, or run with --device cuda.")
+    if PRECISIONS[precision].weights and not mode.lut:
+        raise UsageError(f"mode {mode.name}: bf16 weights need the LUT fold (+lut), because the timestep "
+                         f"embedder computes in fp32; write {mode.name}+lut.")
+    return mode
+
+
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 matmuls and convolutions on or off, restored after; off is the strict fp32 reference
+    (cuDNN's convolutions default to TF32, so fp32 turns them off too). No effect off CUDA."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaLN fold. The student's timestep is the constant dit.STUDENT_T, so the conditioning vector
+# c = t_emb + y_emb takes only 11 values (10 classes + the CFG null class). Every adaLN output
+# Linear(SiLU(c)) is then a table: [11, 6w] per block, [11, 2w] for the final layer; inference gathers
+# rows by label instead of running the timestep MLP, the label embedding and d+1 matmuls per image.
+
+class AdaLNTable(nn.Module):
+    """Stands in for a layer's adaLN_modulation: labels [B] -> rows table[labels] [B, k*w]. index_select
+    (ONNX Gather) takes int32 labels too, which TensorRT needs; plain indexing exports as int64-only GatherND."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, labels):
+        return self.table.index_select(0, labels)
+
+
+class FoldedDiT(dit.DiT):
+    """A DiT whose adaLN modulations are AdaLNTables: the 'conditioning vector' is the label itself,
+    so DiT's forward, head, decode and sample run unchanged. Built by fold_adaln()."""
+
+    def condition(self, y):
+        return y
+
+
+def fold_adaln(model):
+    """DiT -> FoldedDiT for inference that shares the DiT's weights (the DiT itself is left untouched)."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    folded = copy.deepcopy(model, memo=shared)  # a new module tree around the very same tensors
+    folded.__class__ = FoldedDiT  # only condition() differs; DiT's methods do the rest
+    with torch.no_grad():
+        c = model.condition(torch.arange(model.num_classes + 1, device=model.pos_embed.device))  # [11,w]
+        for layer in [*folded.blocks, folded.final_layer]:
+            layer.adaLN_modulation = AdaLNTable(layer.adaLN_modulation(c))  # [11,6w] or [11,2w]
+    del folded.t_embedder, folded.y_embedder  # folded into the tables
+    return folded.eval()
+
+
+class Generator(nn.Module):
+    """What is timed and exported: noise [B,3,32,32] float32 and labels [B] -> CFG-guided images
+    [B,3,32,32] float32, with CFG's two halves in one fused batch of 2B (DiT.sample)."""
+
+    def __init__(self, net, cfg_scale, autocast=None, dtype=torch.float32):
+        super().__init__()
+        self.net, self.cfg_scale, self.autocast, self.dtype = net, cfg_scale, autocast, dtype
+
+    def forward(self, z, y):
+        # cache_enabled=False: a cached weight cast made during CUDA graph capture must not outlive it
+        ctx = (torch.autocast(z.device.type, dtype=self.autocast, cache_enabled=False) if self.autocast
+               else contextlib.nullcontext())
+        with ctx:
+            return self.net.sample(z.to(self.dtype), y, self.cfg_scale).float()
+
+
+def random_dit(depth, width, heads, seed=0):
+    """A DiT with random weights at a trained model's scale (std 1/sqrt(fan_in), biases 0.02). DiT's
+    adaLN-Zero init makes an untrained model output exactly 0, which every mode would 'match'."""
+    model = dit.DiT(depth, width, heads)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # pos_embed stays the fixed sin-cos table
+                std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.02
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(run, device, repeats):
+    """Seconds of each of `repeats` calls of run(): CUDA events on CUDA (one sync per repeat, so the host
+    queues ahead as in real use), synchronised wall clocks elsewhere."""
+    seconds = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        else:
+            synchronize(device)
+            t0 = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+_matmul_rates = {}
+
+
+def matmul_rate(device, dtype=torch.float32, allow_tf32=False, repeats=5):
+    """This machine's own dense matmul rate in FLOP/s (median of repeats of an S x S x S GEMM, S = 4096 on
+    CUDA, 1024 elsewhere): the yardstick for the model's achieved fraction. Measured once per setting."""
+    key = (str(device), dtype, allow_tf32)
+    if key not in _matmul_rates:
+        size = 4096 if device.type == "cuda" else 1024
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        with tf32(allow_tf32), torch.inference_mode():
+            timed(lambda: a @ b, device, 2)  # warm-up (library init, kernel selection)
+            _matmul_rates[key] = 2 * size ** 3 / statistics.median(timed(lambda: a @ b, device, repeats))
+    return _matmul_rates[key]
+
+
+def peak_memory_mib(device):
+    """CUDA: the most memory allocated since the last reset (weights, buffers and graph pools included).
+    CPU: the process's peak resident set so far (Linux reports KiB, macOS bytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type == "cpu" and importlib.util.find_spec("resource"):
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+    return float("nan")
+
+
+class AccuracyError(RuntimeError):
+    """A mode whose images differ from the fp32 model's beyond its precision's tolerance."""
+
+
+def pick_compile_mode(compile_mode, mode, device):
+    """--compile-mode, or the default: max-autotune on CUDA (its own CUDA graphs included), without graphs
+    when the mode captures one itself (a graph cannot be captured inside another); 'default' elsewhere."""
+    if compile_mode is None:
+        return ("max-autotune-no-cudagraphs" if mode.graph else "max-autotune") if device.type == "cuda" else "default"
+    if mode.graph and compile_mode in ("reduce-overhead", "max-autotune"):
+        raise UsageError(f"--compile-mode {compile_mode} makes its own CUDA graphs, which cannot be captured in "
+                         f"mode {mode.name}'s graph: use max-autotune-no-cudagraphs, or drop +graph.")
+    return compile_mode
+
+
+def build(model, mode, cfg_scale, batch, device, compile_mode=None):
+    """The mode's generator around static input buffers -> (run() -> images [batch,3,32,32] float32,
+    noise buffer z [batch,3,32,32], labels y [batch]). run() reads z and y; CUDA graphs replay in place."""
+    precision = PRECISIONS[mode.precision]
+    net = fold_adaln(model) if mode.lut else model
+    if precision.weights:
+        net = copy.deepcopy(net).to(precision.weights)  # a bf16 copy: the caller's model stays fp32
+    fn = Generator(net, cfg_scale, precision.autocast, precision.weights or torch.float32)
+    if mode.compile:
+        torch._dynamo.reset()  # a fresh cache: many builds in one run must not hit the recompile limit
+        fn = torch.compile(fn, mode=pick_compile_mode(compile_mode, mode, device), fullgraph=True, dynamic=False)
+    z = torch.zeros(batch, dit.CHANNELS, dit.IMG, dit.IMG, device=device)
+    y = (torch.arange(batch) % dit.NUM_CLASSES).to(device)  # uniform labels; speed does not depend on them
+    if not mode.graph:
+        return (lambda: fn(z, y)), z, y
+    # CUDA graph (torch.cuda.graph's recipe): warm up on a side stream (this also compiles), then capture one
+    # whole batch; a replay relaunches every kernel at once and reads the static buffers z and y.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(z, y)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        images = fn(z, y)
+
+    def replay():
+        graph.replay()
+        return images
+    return replay, z, y
+
+
+def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, device=None, repeats=5, warmup=3,
+            compile_mode=None, seed=0):
+    """Generate n images (ceil(n/batch) full batches) `repeats` times in a mode; returns a dict of the
+    measurements. model_or_dhw: a dit.DiT (e.g. sample.load_model's) or (depth, width, heads) for random
+    weights. The mode's images on one batch are first compared with the plain fp32 model's (AccuracyError
+    beyond its tolerance). Leaves the model's weights unchanged (it is moved to the device)."""
+    device = pick_device(str(device) if device else None)
+    mode = parse_mode(mode, device) if isinstance(mode, str) else mode
+    if n < 1 or batch < 1 or repeats < 1 or warmup < 0:
+        raise UsageError(f"n, batch and repeats must be positive and warmup >= 0 (got {n}, {batch}, {repeats}, "
+                         f"{warmup}).")
+    model = model_or_dhw if isinstance(model_or_dhw, nn.Module) else random_dit(*model_or_dhw, seed=seed)
+    model = model.to(device).eval()
+    precision = PRECISIONS[mode.precision]
+    batches = math.ceil(n / batch)
+    check_z = torch.randn(batch, dit.CHANNELS, dit.IMG, dit.IMG, generator=torch.Generator().manual_seed(seed))
+    noise = torch.Generator(device).manual_seed(seed)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        with tf32(False):  # the reference: the plain model in strict fp32
+            reference = model.sample(check_z.to(device), (torch.arange(batch) % dit.NUM_CLASSES).to(device),
+                                     cfg_scale).float()
+        with tf32(precision.tf32):
+            run, z, y = build(model, mode, cfg_scale, batch, device, compile_mode)
+            z.copy_(check_z)
+            max_err = (run() - reference).abs().max().item()
+            scale = reference.abs().max().item()
+            if not max_err <= precision.tolerance * scale:  # `not <=` also catches NaN
+                raise AccuracyError(f"mode {mode.name} on DiT({model.depth},{model.width},{model.heads}) differs "
+                                    f"from fp32 by {max_err:.3g} (images up to {scale:.3g}; tolerance "
+                                    f"{precision.tolerance:g} of that); it was not timed.")
+            setup_s = time.perf_counter() - t0  # fold, compile, capture and the check
+
+            def generate():  # all n images: fresh noise into the static buffer, then the batch
+                for _ in range(batches):
+                    z.normal_(generator=noise)
+                    run()
+            for _ in range(warmup):
+                z.normal_(generator=noise)
+                run()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = timed(generate, device, repeats)
+            peak_mib = peak_memory_mib(device)  # before matmul_rate below allocates its own operands
+    median = statistics.median(seconds)
+    flops = dit.flops_per_image(model.depth, model.width, cfg=cfg_scale != 1)
+    compute_dtype = precision.autocast or precision.weights or torch.float32
+    return {"mode": mode.name, "cfg_scale": cfg_scale, "design": [model.depth, model.width, model.heads],
+            "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": hardware(device),
+            "n": n, "batch": batch, "batches": batches, "repeats": repeats, "seconds": median,
+            "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": n / median,
+            "ms_per_batch": median / batches * 1e3, "gflop_per_image": flops / 1e9,
+            "tflops": flops * n / median / 1e12,
+            "matmul_tflops": matmul_rate(device, compute_dtype, precision.tf32) / 1e12,
+            "seconds_per_50k": median * PER_50K / n, "extrapolated": n != PER_50K,
+            "peak_mib": peak_mib, "setup_s": setup_s, "max_err": max_err, "image_scale": scale,
+            "tolerance": precision.tolerance}
+
+
+def hardware(device):
+    """The device in words: the GPU's name, or the CPU's model and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Jetson: ONNX -> TensorRT
+
+def export_onnx(model, path, batch=128, cfg_scale=1.5, opset=18):
+    """The LUT-folded generator with CFG inside, static batch -> ONNX file. Inputs noise float32
+    [B,3,32,32] and labels int32 [B] (TensorRT 8 has no int64 inputs); output images float32.
+    Returns max|onnxruntime - fp32 torch| on one batch, or None when onnxruntime is not installed."""
+    model = model.eval()
+    device = model.pos_embed.device
+    z = torch.randn(batch, dit.CHANNELS, dit.IMG, dit.IMG, generator=torch.Generator().manual_seed(0)).to(device)
+    y = (torch.arange(batch) % dit.NUM_CLASSES).to(device, torch.int32)
+    # torch >= 2.9 exports with torch.export (opset >= 18); its down-conversion to 17 breaks Split, so opset 17
+    # (TensorRT 8.x) takes the TorchScript exporter, which older torch uses anyway
+    legacy = {"dynamo": False} if opset < 18 and "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    try:
+        torch.onnx.export(Generator(fold_adaln(model), cfg_scale).eval(), (z, y), path,
+                          input_names=["noise", "labels"], output_names=["images"], opset_version=opset, **legacy)
+    except ImportError as e:
+        raise UsageError(f"--onnx needs the ONNX exporter's packages ({e}): pip install onnx onnxscript.")
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (images,) = session.run(None, {"noise": z.cpu().numpy(), "labels": y.cpu().numpy()})
+    with torch.no_grad(), tf32(False):
+        reference = model.sample(z, y.long(), cfg_scale).float().cpu()
+    return (torch.from_numpy(images) - reference).abs().max().item()
+
+
+def trtexec_command(path, precision="fp16"):
+    return (f"trtexec --onnx={path} --saveEngine={os.path.splitext(path)[0]}.{precision}.plan --{precision} "
+            f"--useCudaGraph --noDataTransfers --useSpinWait --warmUp=2000 --duration=20")
+
+
+# ----------------------------------------------------------------------------------------------
+# The design-space sweep and Figure 4
+
+def load_results(patterns):
+    """results.json files (globs allowed) -> {(d,w,h): {"fid", "psnr" (means over runs, or None), "runs"}}.
+    FID is fid.py's top-level "fid"; PSNR is distill.py's held-out EMA PSNR."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UsageError(f"--results {pattern} matches no file; pass results.json files or a quoted glob.")
+        paths += matches
+    runs = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            design = tuple(int(v) for v in record["design"])
+            metrics = (record.get("fid"), record.get("ema", {}).get("psnr"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"cannot read {path} as a results file ({type(e).__name__}: {e}); expected the "
+                             f"results.json that distill.py or fid.py write (it has 'design': [d, w, h]).")
+        runs.setdefault(design, []).append(metrics)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+    return {d: {"fid": mean(f for f, _ in r), "psnr": mean(p for _, p in r), "runs": len(r)} for d, r in runs.items()}
+
+
+def quality_of(results):
+    """The quality axis: the runs' FID when any has one, else their PSNR, else the paper's Table 6 FID.
+    -> (label, {(d,w,h): value})."""
+    if results and any(r["fid"] is not None for r in results.values()):
+        return "FID (runs; lower is better)", {d: r["fid"] for d, r in results.items() if r["fid"] is not None}
+    if results:
+        return "held-out PSNR dB (runs)", {d: r["psnr"] for d, r in results.items() if r["psnr"] is not None}
+    return "FID (paper, Table 6)", {(r.depth, r.width, r.heads): r.fid for r in TABLE6}
+
+
+def family(depth, width):
+    """Figure 4's groups by the depth rule d ~ floor(log2 w) (or one less): deeper is 'deep', shallower 'wide'."""
+    rule = int(math.log2(width))
+    return "deep" if depth > rule else "wide" if depth < rule - 1 else "rule"
+
+
+def sweep_table(rows, quality_label, quality, n, runs):
+    """Markdown: a row per design and mode; the runs' quality column only when --results gave one."""
+    est = "extrapolated" if n != PER_50K else "measured"
+    lines = [f"| design (d,w,h) | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
+             f"paper Jetson s | paper FID |" + (f" {quality_label} |" if runs else ""), "|" + " --- |" * (9 + runs)]
+
+    def cell(value):
+        return "" if value is None else f"{value:.2f}"
+    for r in rows:
+        d = tuple(r["design"])
+        lines.append(f"| ({d[0]},{d[1]},{d[2]}) | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
+                     f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
+                     f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
+                     + (f" {cell(quality.get(d))} |" if runs else ""))
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows, quality_label, quality, path):
+    """Figure 4: (a) params vs quality, (b) params vs latency per 50k (the paper's Jetson latencies hollow),
+    (c) latency vs quality with marker area proportional to params: the three-way trade-off. One PNG, Agg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    groups = {"wide": ("s", "wide (d < log2 w - 1)"), "rule": ("o", "rule depth (d ~ log2 w)"),
+              "deep": ("^", "deep (d > log2 w)")}
+    for (group, (marker, label)), colour in zip(groups.items(), ("C0", "C1", "C2")):
+        rs = [r for r in rows if family(*r["design"][:2]) == group]
+        rq = [r for r in rs if tuple(r["design"]) in quality]
+        a.scatter([r["params"] / 1e6 for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
+                  color=colour, label=label if rq else None)  # no legend entry for an empty group
+        b.scatter([r["params"] / 1e6 for r in rs], [r["seconds_per_50k"] for r in rs], marker=marker, color=colour,
+                  label=label if rs else None)
+        jetson = [r for r in rs if r["jetson_s"]]
+        b.scatter([r["params"] / 1e6 for r in jetson], [r["jetson_s"] for r in jetson], marker=marker,
+                  facecolors="none", edgecolors=colour, label=f"{group}, paper's Jetson Orin" if jetson else None)
+        c.scatter([r["seconds_per_50k"] for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
+                  s=[20 + 30 * r["params"] / 1e6 for r in rq], color=colour, label=label if rq else None)
+        for r in rq:
+            c.annotate("%d,%d,%d" % tuple(r["design"]), (r["seconds_per_50k"], quality[tuple(r["design"])]),
+                       fontsize=6, xytext=(3, 3), textcoords="offset points")
+    latency_label = "s per 50k images" + (" (extrapolated)" if any(r["extrapolated"] for r in rows) else "")
+    a.set(xlabel="parameters (M)", ylabel=quality_label, title="(a) size vs quality")
+    b.set(xlabel="parameters (M)", ylabel=latency_label, title="(b) size vs latency (hollow: paper, Jetson)")
+    c.set(xlabel=latency_label, ylabel=quality_label, title="(c) trade-off (area ~ params)")
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{rows[0]['hardware']}, {rows[0]['mode']}, batch {rows[0]['batch']}, CFG {rows[0]['cfg_scale']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def sweep(args, device, modes):
+    """Every design (Table 6's, or --designs, plus any in --results) in every mode -> rows; writes the
+    Markdown table and the plot."""
+    results = load_results(args.results) if args.results else {}
+    paper = {(r.depth, r.width, r.heads): r for r in TABLE6}
+    chosen = [parse_design(text) for text in args.designs] if args.designs else list(paper)
+    chosen += [d for d in sorted(results) if d not in chosen]  # the runs' own designs, timed too
+    designs = [paper.get(d, PaperRow("run" if d in results else "", "", *d, None, None)) for d in chosen]
+    rows = []
+    for design in designs:
+        for mode in modes:
+            r = latency((design.depth, design.width, design.heads), args.n, args.batch, mode, args.cfg_scale[0], device, args.repeats, args.warmup,
+                        args.compile_mode, args.seed)
+            rows.append(dict(r, name=f"{design.budget} {design.name}".strip(), jetson_s=design.jetson_s,
+                             paper_fid=design.fid))
+            print(f"({design.depth},{design.width},{design.heads}) {mode}: {r['images_per_s']:,.1f} img/s, "
+                  f"{r['seconds_per_50k']:,.1f} s per 50k{' (extrapolated)' if r['extrapolated'] else ''}",
+                  flush=True)
+    quality_label, quality = quality_of(results)
+    table = sweep_table(rows, quality_label, quality, args.n, bool(results))
+    with open(args.sweep_out, "w") as f:
+        f.write(f"{rows[0]['hardware']}, torch {torch.__version__}; {args.n:,} images per design at batch "
+                f"{args.batch}, CFG {args.cfg_scale[0]}, median of {args.repeats}; "
+                f"s per 50k = 50,000 / measured img/s{' (~: extrapolated)' if args.n != PER_50K else ''}.\n\n"
+                f"{table}\n")
+    plot_tradeoff([r for r in rows if r["mode"] == modes[0]], quality_label, quality, args.plot)  # one mode
+    print(f"\n{table}\n\nwrote {args.sweep_out} and {args.plot}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_design(text):
+    try:
+        depth, width, heads = (int(v) for v in text.split(","))
+        dit.check_shape(depth, width, heads)
+    except ValueError as e:
+        raise UsageError(f"--designs {text}: write each design as D,W,H, e.g. 5,64,8 ({e}).")
+    return depth, width, heads
+
+
+def resolve_model(args, device):
+    """--ckpt, --params or --d/--w/--h (default: the 5M design) -> (DiT on device, description)."""
+    if args.ckpt:
+        if args.params or args.depth or args.width:
+            raise UsageError("give one of --ckpt, --params or --d/--w/--h.")
+        try:
+            model, _ = sample.load_model(args.ckpt, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e))
+        return model, f"{args.ckpt} (EMA weights)"
+    try:
+        design = dit.resolve_design(args, default=dit.design("5M"))
+    except ValueError as e:
+        raise UsageError(str(e))
+    return random_dit(*design, seed=args.seed).to(device), "random weights"
+
+
+def check_args(args, device):
+    for flag in ("n", "batch", "repeats", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be a positive integer, got {value}.")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}.")
+    if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep times fewer and extrapolates
+        args.n = 256 if args.sweep and device.type == "cpu" else PER_50K
+    if args.modes:
+        modes = args.modes.split(",")
+    else:
+        fastest = fastest_mode(device)
+        modes = [fastest] if args.sweep else [m for m in BASE_MODES[device.type] if m != fastest] + [fastest]
+    modes = [parse_mode(m, device) for m in modes]  # every mode checked before anything is timed
+    for mode in modes:
+        if mode.compile:
+            pick_compile_mode(args.compile_mode, mode, device)
+    return [mode.name for mode in modes]
+
+
+def benchmark(args, device, modes):
+    """One design (--ckpt, --params or --d/--w/--h): every CFG scale in every mode, as a Markdown table;
+    or, with --onnx, the export and the trtexec command instead."""
+    model, source = resolve_model(args, device)
+    d, w, h = model.depth, model.width, model.heads
+    print(f"DiT(d={d}, w={w}, h={h}), {source}: {dit.param_count(d, w):,} parameters, "
+          f"{dit.flops_per_image(d, w) / 1e9:.3f} GFLOP/image per pass (x2 with CFG)")
+    if args.onnx:
+        err = export_onnx(model, args.onnx, args.batch, args.cfg_scale[0], args.opset)
+        print(f"wrote {args.onnx}: batch {args.batch}, CFG {args.cfg_scale[0]} inside, adaLN folded; "
+              + ("onnxruntime not installed: not checked" if err is None
+                 else f"onnxruntime vs torch fp32: max error {err:.2e}"))
+        print(f"time it with TensorRT (images/s = Throughput qps x {args.batch}; s per 50k = 50000 / images/s):"
+              f"\n  {trtexec_command(args.onnx)}")
+        return []
+    print(f"{hardware(device)}, torch {torch.__version__}; {args.n:,} images at batch {args.batch} "
+          f"({math.ceil(args.n / args.batch)} batches), median of {args.repeats} after {args.warmup} warm-up "
+          f"batches; peak MiB: {'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'}")
+    print(f"\n| mode | CFG | s per {args.n:,} (min-max) | img/s | ms/batch | TFLOP/s | of matmul rate | "
+          f"peak MiB | setup s | max err |\n|" + " --- |" * 10)
+    measured = []
+    for cfg_scale in args.cfg_scale:
+        for mode in modes:
+            r = latency(model, args.n, args.batch, mode, cfg_scale, device, args.repeats, args.warmup,
+                        args.compile_mode, args.seed)
+            measured.append(r)
+            print(f"| {r['mode']} | {cfg_scale:g} | {r['seconds']:.3f} ({r['seconds_min']:.3f}-"
+                  f"{r['seconds_max']:.3f}) | {r['images_per_s']:,.0f} | {r['ms_per_batch']:.2f} | "
+                  f"{r['tflops']:.3f} | {r['tflops'] / r['matmul_tflops']:.0%} of {r['matmul_tflops']:.3f} | "
+                  f"{r['peak_mib']:.0f} | {r['setup_s']:.1f} | {r['max_err']:.1e} |", flush=True)
+    print("\nmatmul rate: this machine's dense GEMM in the mode's compute dtype, measured in this run. TFLOP/s "
+          "counts dit.flops_per_image (matmuls and attention). setup s: fold, compile, capture and the check.")
+    return measured
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        modes = check_args(args, device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        measured = sweep(args, device, modes) if args.sweep else benchmark(args, device, modes)
+    except UsageError as e:
+        fail(e)
+    except AccuracyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if args.json and measured:
+        with open(args.json, "w") as f:
+            json.dump(measured, f, indent=1)
+    return measured
+
+
+if __name__ == "__main__":
+    main()
