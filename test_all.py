@@ -2,24 +2,34 @@
 DiT-Nano's test suite: CPU only, no downloads, a few minutes.
 
     python -m pytest test_all.py
+
+pytorch-fid is a test-only dependency: an independent FID Inception to check fid.py's against.
 """
+import contextlib
+import io
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 import torch
+import torchvision
+from PIL import Image
+from pytorch_fid import inception as pytorch_fid_inception
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import data
 import dit
 import distill
+import fid
 import mi1
 import sample
 import ta
@@ -339,7 +349,6 @@ def test_sample_grid_and_npz(cache, tmp_path):
     again, _ = sample.generate(model, 25, batch=7)
     assert np.array_equal(images, again)  # fixed seeds, whatever the batch
     sample.save_grid(model, str(tmp_path / "g.png"), per_class=3)
-    from PIL import Image
     assert Image.open(tmp_path / "g.png").size == (3 * 32, 10 * 32)
     pixels = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)  # [B,3,H,W]
     assert sample.to_uint8(pixels)[0, 0, :, 0].tolist() == [0, 128, 255, 255]  # EDM's x*127.5+128, clipped
@@ -661,3 +670,352 @@ def test_cli_errors(cache, tmp_path):
                                   str(tmp_path / "t")), "no checkpoint")
     assert_clean_error(run_script("ta.py", "--ta", "x.pt", "--ta-weight", "0"), "not all 0")
     assert_clean_error(run_script("mi1.py", "--layers", "3,5"), "final block")
+
+
+# ----------------------------------------------------------------------------------------------
+# fid.py (last: its module fixture points data.CACHE_DIR at a private statistics cache while it lives)
+
+def random_inception_state(seed=0):
+    """Random weights with pytorch-fid's key names that keep activations O(1): He-scaled convs, BN statistics
+    near (0, 1), so the comparisons below see well-conditioned numbers."""
+    g = torch.Generator().manual_seed(seed)
+    state = fid.FIDInception().state_dict()
+    for k, v in state.items():
+        if k.endswith("conv.weight"):
+            state[k] = torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel())
+        elif k.endswith(("bn.weight", "bn.running_var")):
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k.endswith(("bn.bias", "bn.running_mean")):
+            state[k] = 0.2 * torch.randn(v.shape, generator=g)
+        elif k == "fc.weight":
+            state[k] = torch.randn(v.shape, generator=g) / math.sqrt(v.shape[1])
+        elif k == "fc.bias":
+            state[k] = torch.randn(v.shape, generator=g)
+    return state
+
+
+def pytorch_fid_network(state):
+    """pytorch-fid's FID Inception built the way its fid_inception_v3() builds it, without the download."""
+    net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    net.Mixed_5b = pytorch_fid_inception.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pytorch_fid_inception.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pytorch_fid_inception.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pytorch_fid_inception.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pytorch_fid_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pytorch_fid_inception.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pytorch_fid_inception.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pytorch_fid_inception.FIDInceptionE_1(1280)
+    net.Mixed_7c = pytorch_fid_inception.FIDInceptionE_2(2048)
+    net.load_state_dict(state)  # strict: the key names must be the same
+    return net.eval()
+
+
+def torchvision_pool3_and_logits(net, x):
+    pooled = []
+    hook = net.avgpool.register_forward_hook(lambda module, inp, out: pooled.append(out.flatten(1)))
+    logits = net(x)  # eval mode: the fc output, with its bias
+    hook.remove()
+    return pooled[0], logits
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+def test_inception_matches_pytorch_fid():
+    state = random_inception_state()
+    ours = fid.FIDInception().eval()
+    ours.load_state_dict(state)
+    theirs = pytorch_fid_network(state)
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(1)) * 2 - 1  # already 299, on [-1,1]
+    with torch.no_grad():
+        pool3, logits = ours(x)
+        ref_pool3, ref_logits = torchvision_pool3_and_logits(theirs, x)
+        # control: torchvision's own Inception blocks (average pools counting the padding, no max pool in
+        # Mixed_7c) with the same weights must give other features, or this test could not tell them apart
+        plain = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+        plain.load_state_dict(state)
+        plain_pool3, _ = torchvision_pool3_and_logits(plain.eval(), x)
+    assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert 0.1 < pool3.std() < 100  # well-scaled features, so the tolerances below mean something
+    torch.testing.assert_close(pool3, ref_pool3, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits + state["fc.bias"], ref_logits, rtol=1e-5, atol=1e-4)  # ours: bias-free
+    assert (plain_pool3 - ref_pool3).abs().max() > 1e-2
+
+
+def test_tf1_resize_hand_cases():
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
+    # 2 -> 4: src = 0, 0.5, 1, 1.5; the last two clamp to the border pixel
+    expected = torch.tensor([[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30.0]])
+    assert torch.equal(fid.tf1_resize(x, 4)[0, 0], expected)
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(fid.tf1_resize(x, 2)[0, 0], torch.tensor([[0.0, 2], [8, 10]]))  # src 0, 2: no averaging
+    x = torch.tensor([0.0, 10, 20])[None, None, None].expand(1, 1, 3, 3)
+    assert torch.equal(fid.tf1_resize(x, 2)[0, 0, 0], torch.tensor([0.0, 15]))      # src 0, 1.5
+    x = torch.rand(1, 3, 299, 299) * 255
+    assert torch.equal(fid.tf1_resize(x), x)                                         # same size: identity
+
+
+def test_tf1_resize_matches_its_definition_and_differs_from_pytorch_fids():
+    img = (torch.rand(7, 5, generator=torch.Generator().manual_seed(2)) * 255).numpy()
+    size = 13
+    ref = np.empty((size, size), np.float32)
+    f32 = np.float32
+    for i in range(size):  # TF1's kernel, pixel by pixel, in float32
+        fy = f32(i) * (f32(7) / f32(size))
+        y0 = int(np.floor(fy))
+        y1, wy = min(y0 + 1, 6), fy - f32(y0)
+        for j in range(size):
+            fx = f32(j) * (f32(5) / f32(size))
+            x0 = int(np.floor(fx))
+            x1, wx = min(x0 + 1, 4), fx - f32(x0)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * wx
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * wx
+            ref[i, j] = top + (bottom - top) * wy
+    np.testing.assert_allclose(fid.tf1_resize(torch.from_numpy(img)[None, None], size)[0, 0].numpy(), ref,
+                               rtol=1e-6, atol=1e-4)
+    x = torch.rand(1, 3, 32, 32) * 255
+    pytorch_fids = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (fid.tf1_resize(x) - pytorch_fids).abs().max() > 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics, FID, IS
+
+def test_statistics_are_float64_mean_and_unbiased_covariance():
+    f = np.random.default_rng(0).standard_normal((25000, 3)).astype(np.float32) * [1, 2, 3] + 5
+    mu, sigma = fid.statistics(f)  # 25k rows: three chunks
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, f.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False, ddof=1), rtol=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    f = np.random.default_rng(1).standard_normal((1000, 64)) @ np.random.default_rng(2).standard_normal((64, 64))
+    mu, sigma = fid.statistics(f)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+
+
+def test_fid_closed_forms():
+    rng = np.random.default_rng(3)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    a, b = rng.uniform(0.1, 4, 6), rng.uniform(0.1, 4, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))  # commuting, not diagonal: same eigenvectors
+    assert fid.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected,
+                                                                                                      rel=1e-8)
+    # from samples of two Gaussians: the statistics and the distance together
+    x = mu1[:3] + rng.standard_normal((200000, 3)) * np.sqrt(a[:3])
+    y = mu2[:3] + rng.standard_normal((200000, 3)) * np.sqrt(b[:3])
+    expected3 = ((mu1[:3] - mu2[:3]) ** 2).sum() + ((np.sqrt(a[:3]) - np.sqrt(b[:3])) ** 2).sum()
+    assert fid.frechet_distance(*fid.statistics(x), *fid.statistics(y)) == pytest.approx(expected3, rel=0.03)
+
+
+def test_fid_rejects_a_complex_square_root():
+    with pytest.raises(fid.FIDError, match="imaginary"):
+        fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))  # sqrt(-1) on the diagonal
+
+
+def test_inception_score():
+    mean, std = fid.inception_score(np.zeros((100, 1008)))  # p(y|x) = p(y): no information
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    logits = 100 * np.eye(1008)[:1000]  # 1000 confident, distinct classes: each split of 100 scores 100
+    mean, std = fid.inception_score(logits)
+    assert mean == pytest.approx(100, rel=1e-6) and std < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights: missing, undownloadable, wrong
+
+def test_missing_or_undownloadable_weights_say_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+    ok, why = fid.inception_available()
+    assert not ok and fid.WEIGHTS_URL in why and "--inception" in why
+    with pytest.raises(fid.FIDError, match="--inception") as e:
+        fid.load_inception(download=False)
+    assert fid.WEIGHTS_URL in str(e.value)
+
+    def offline(url, dst, hash_prefix=None, **kw):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(fid.FIDError, match="network is unreachable") as e:
+        fid.load_inception()
+    assert fid.WEIGHTS_URL in str(e.value) and "--inception" in str(e.value)
+    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(fid.FIDError, match="--cifar") as e:
+        fid.cifar_tarball()
+    assert fid.CIFAR_URL in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: random-weight Inception file, fake CIFAR-10 tarball, a tiny checkpoint
+
+def write_fake_cifar(path, per_train_batch=2, test=10, seed=0):
+    """A tarball in the real one's layout: cifar-10-batches-py/{data_batch_1..5,test_batch}, pickled dicts with
+    b'data' uint8 [n,3072] (the R, G, B planes of 32x32 images) and b'labels'. Returns the train images
+    [10,32,32,3] as an image viewer would show them."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(os.path.dirname(path), "cifar-10-batches-py")
+    os.makedirs(folder)
+    train = []
+    for name, n in [(f"data_batch_{i}", per_train_batch) for i in range(1, 6)] + [("test_batch", test)]:
+        rows = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        train += [rows.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)] if name != "test_batch" else []
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"data": rows, b"labels": list(range(n))}, f)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return np.concatenate(train)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Files every end-to-end test shares: Inception weights, fake CIFAR-10, a checkpoint and its .npz, and a
+    private reference-statistics cache (data.CACHE_DIR) for the module."""
+    d = tmp_path_factory.mktemp("fid")
+    state = random_inception_state(seed=4)
+    # switch off all but 8 of Mixed_7c's 2048 output channels (a very negative BN bias before the ReLU): the
+    # statistics of 10 images are then full-rank in the 8 live dimensions, so sqrtm's result stays real
+    for k in [k for k in state if k.startswith("Mixed_7c.") and k.endswith("bn.bias")]:
+        live = 8 if k.startswith("Mixed_7c.branch1x1.") else 0
+        state[k][live:] = -1e4
+    torch.save(state, d / "inception.pth")
+    torch.manual_seed(0)
+    ema, raw = dit.DiT(1, 32, 4), dit.DiT(1, 32, 4)
+    with torch.no_grad():  # DiT's zero-init would make every image the same grey; EMA and raw weights differ
+        for e, r in zip(ema.parameters(), raw.parameters()):
+            e.add_(0.05 * torch.randn_like(e))
+            r.add_(0.05 * torch.randn_like(r))
+    ckpt = {"model": raw.state_dict(), "ema": ema.state_dict(), "config": {"depth": 1, "width": 32, "heads": 4}}
+    (d / "run").mkdir()
+    torch.save(ckpt, d / "run" / "ckpt.pt")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        sample.main(["--ckpt", str(d / "run" / "ckpt.pt"), "--npz", str(d / "samples.npz"), "--n", "10",
+                     "--batch", "5", "--device", "cpu"])
+    cifar_train = write_fake_cifar(str(d / "cifar.tar.gz"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "CACHE_DIR", str(d / "cache"))
+        yield {"dir": d, "cache": str(d / "cache"), "weights": str(d / "inception.pth"),
+               "cifar": str(d / "cifar.tar.gz"), "cifar_train": cifar_train, "ckpt": str(d / "run" / "ckpt.pt"),
+               "npz": str(d / "samples.npz")}
+
+
+def run_fid(world, *argv):
+    return fid.main([*argv, "--inception", world["weights"], "--cifar", world["cifar"], "--batch", "5",
+                     "--device", "cpu"])
+
+
+@pytest.fixture(scope="module")
+def train_vs_train(world):
+    """The fake CIFAR-10 train images, as a folder of PNGs, against the CIFAR-10 train statistics (computed from
+    the tarball and cached on the way)."""
+    png_dir = world["dir"] / "train_png"
+    png_dir.mkdir()
+    for i, img in enumerate(world["cifar_train"]):
+        Image.fromarray(img).save(png_dir / f"{i:05d}.png")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result = run_fid(world, "--images", str(png_dir), "--ref", "train")
+    return result, out.getvalue(), err.getvalue()
+
+
+def test_loaders_agree_on_the_same_images(world, tmp_path):
+    nhwc = world["cifar_train"]
+    assert torch.equal(fid.read_cifar(world["cifar"], "train"), torch.from_numpy(nhwc).permute(0, 3, 1, 2))
+    np.savez(tmp_path / "a.npz", images=nhwc)
+    for i, img in enumerate(nhwc):
+        Image.fromarray(img).save(tmp_path / f"{i:05d}.png")
+    assert torch.equal(fid.load_png_folder(str(tmp_path)), fid.load_npz_images(str(tmp_path / "a.npz")))
+    assert fid.read_cifar(world["cifar"], "test").shape == (10, 3, 32, 32)
+
+
+def test_train_images_against_train_statistics_give_zero_and_are_cached(world, train_vs_train):
+    result, out, err = train_vs_train
+    assert abs(result["fid"]) < 1e-3, result
+    assert 1 <= result["is_mean"] < 1008
+    assert "not the official CIFAR-10 tarball" in err and "not comparable with published" in out
+    weights_id, tar_md5 = fid.file_digest(world["weights"])[:8], fid.file_digest(world["cifar"], "md5")[:8]
+    files = os.listdir(world["cache"])
+    assert files == [f"fid_ref_cifar10_train_inception-{weights_id}_tar-{tar_md5}.npz"], files  # no temp file left
+    with np.load(os.path.join(world["cache"], files[0])) as f:
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and int(f["n"]) == 10
+
+
+def test_checkpoint_uses_ema_seeds_and_cache_and_merges_results_json(world, train_vs_train, monkeypatch, capsys):
+    # the train statistics must come from the cache now: reading CIFAR-10 again fails the test
+    monkeypatch.setattr(fid, "read_cifar", lambda *a: pytest.fail("the cached statistics were not used"))
+    seen = []
+    real_features = fid.features_and_logits
+    monkeypatch.setattr(fid, "features_and_logits", lambda net, images, *a: seen.append(images) or
+                        real_features(net, images, *a))
+    results = os.path.join(os.path.dirname(world["ckpt"]), "results.json")
+    with open(results, "w") as f:
+        json.dump({"step": 20, "ema": {"psnr": 14.0}}, f)
+    capsys.readouterr()
+    result = run_fid(world, "--ckpt", world["ckpt"], "--n", "10")
+    # the images measured are sample.py --npz's: EMA weights, seed 0, labels i % 10
+    assert len(seen) == 1 and np.array_equal(seen[0], np.load(world["npz"])["images"])
+    assert math.isfinite(result["fid"]) and result["fid"] > 1e-3 and 1 <= result["is_mean"] < 1008
+    with open(results) as f:
+        record = json.load(f)
+    assert record["step"] == 20 and record["ema"] == {"psnr": 14.0}  # merged, not overwritten
+    assert {k: record[k] for k in result} == result
+    assert record["fid_n"] == 10 and record["fid_ref"] == "cifar10-train" and record["fid_cfg_scale"] == 1.5
+    out = capsys.readouterr().out
+    assert f"FID {result['fid']:.3f}" in out and "merged into" in out and "not comparable" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one message, exit code 2
+
+def bad_inputs(d, world):
+    np.savez(d / "float.npz", images=np.zeros((10, 32, 32, 3), np.float32))
+    np.savez(d / "gray.npz", images=np.zeros((10, 32, 32), np.uint8))
+    (d / "empty").mkdir()
+    (d / "mixed").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "mixed" / "a.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / "mixed" / "b.png")
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, d / "wrong.pth")
+    np.savez(d / "ref_no_sigma.npz", mu=np.zeros(2048))
+    (d / "garbage.tar.gz").write_bytes(b"not a tarball")
+    (d / "run").mkdir()
+    torch.save({"config": {}}, d / "run" / "ckpt.pt")
+    (d / "listrun").mkdir()
+    (d / "listrun" / "results.json").write_text("[1, 2]")
+    npz, w = world["npz"], world["weights"]
+    return [
+        (["--npz", str(d / "float.npz")], "uint8"),
+        (["--npz", str(d / "gray.npz")], "shape"),
+        (["--npz", str(d / "missing.npz")], "no such file"),
+        (["--images", str(d / "empty")], "no .png"),
+        (["--images", str(d / "mixed")], "one size"),
+        (["--npz", npz, "--n", "5"], "at least 10"),
+        (["--npz", npz, "--n", "100"], "holds only 10"),
+        (["--npz", npz, "--device", "tpu"], "not available"),
+        (["--npz", npz, "--inception", str(d / "missing.pth")], fid.WEIGHTS_URL),
+        (["--npz", npz, "--inception", str(d / "wrong.pth")], "not pytorch-fid's"),
+        (["--npz", npz, "--inception", w, "--ref", str(d / "ref_no_sigma.npz")], "mu and sigma"),
+        (["--npz", npz, "--inception", w, "--cifar", str(d / "garbage.tar.gz")], "not the CIFAR-10 python tarball"),
+        (["--ckpt", str(d / "run" / "ckpt.pt")], "not a DiT-Nano checkpoint"),
+        (["--ckpt", world["ckpt"], "--json", str(d / "listrun" / "results.json")], "not a JSON object"),
+    ]
+
+
+def test_bad_inputs_give_one_message_and_exit_code_2(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    for argv, phrase in bad_inputs(tmp_path, world):
+        with pytest.raises(SystemExit) as e:
+            fid.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, argv
+        assert "error: " in err and phrase in err and "Traceback" not in err, (argv, err)
+    assert not os.path.exists(tmp_path / "cache")  # nothing was computed or cached on the way
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    np.savez(tmp_path / "float.npz", images=np.zeros((10, 32, 32, 3), np.float32))
+    r = subprocess.run([sys.executable, "fid.py", "--npz", str(tmp_path / "float.npz")], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "uint8" in r.stderr, r.stderr
