@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import dit
+import fid
 import sample
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +68,14 @@ def get_parser():
     g.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (CUDA, CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group("FID and IS of the EMA model (fid.py); needs the FID Inception weights locally")
+    g.add_argument("--fid-every", type=int, help="steps between FID evaluations (default: once at the end, "
+                   "real data only; toy data: only when given)")
+    g.add_argument("--fid-n", type=int, default=50_000, help="samples per FID (published FIDs use 50,000)")
+    g.add_argument("--fid-ref", default="train", help="reference: CIFAR-10 'train' (EDM), 'test' (GET) or a "
+                   "mu/sigma .npz")
+    g.add_argument("--inception", help="FID Inception weights file (default: the torch hub cache)")
+    g.add_argument("--cifar", help="CIFAR-10 python tarball for the reference statistics (default: data/)")
     p.set_defaults(method="distill")  # ta.py and mi1.py set their own; recorded in the config
     return p
 
@@ -171,7 +180,7 @@ def resolve(args):
         args.depth, args.width, args.heads = dit.resolve_design(args, default=(5, 64, 8))
     except ValueError as e:
         raise UsageError(str(e))
-    for flag in ("batch", "steps", "log_every", "eval_every", "holdout"):
+    for flag in ("batch", "steps", "log_every", "eval_every", "holdout", "fid_every", "fid_n"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {v}.")
@@ -263,6 +272,26 @@ def evaluate(predict, held, device, lpips_net=None, batch=500):
     if lpips_net is not None:
         out["lpips"] = lp / n
     return out
+
+
+def setup_fid(args, device, log):
+    """(Inception, reference mu, sigma) when FID is due and its files are here; else None, said once and why."""
+    if args.data == "toy" and not args.fid_every:
+        log("FID skipped: the toy teacher's images are not CIFAR-10 (pass --fid-every N to measure it anyway).")
+        return None
+    ok, why = fid.inception_available(args.inception)
+    if not ok:
+        log(f"FID skipped: {why}")
+        return None
+    try:
+        net = fid.load_inception(args.inception, device, download=False)
+        mu, sigma = fid.reference_stats(args.fid_ref, args.cifar, net, device, download=False)
+    except fid.FIDError as e:
+        log(f"FID skipped: {e}")
+        return None
+    if args.fid_n < fid.PUBLISHED_N:
+        log(f"FID of {args.fid_n:,} samples is not comparable with published 50k FIDs.")
+    return net, mu, sigma
 
 
 def fmt_metrics(m):
@@ -366,16 +395,21 @@ def train(args, make_extra=None):
         f"{fmt_metrics(baseline)}")
     if lpips_eval is None:
         log("LPIPS metric skipped: its trunk weights are not in the torch hub cache (see README).")
+    fid_setup = setup_fid(args, device, log) if master else None
 
     def checkpoint():
         if master:
             save_checkpoint(ckpt_path, model, ema, opt, extra, step, config)
 
-    def measure():
+    def measure(with_fid):
         metrics = evaluate(ema, held, device, lpips_eval)
+        if with_fid:
+            metrics.update(fid.fid_of_model(ema, *fid_setup, n=args.fid_n, cfg_scale=args.cfg_scale,
+                                            device=device, progress=sys.stderr.isatty()))
         record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": config["param_count"],
                   "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
-                  "data": args.data,
+                  "data": args.data, **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": args.fid_ref,
+                                         "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
                   "wall_s": round(time.time() - t_start + wall_before, 1),
                   "hardware": f"{platform.processor() or platform.machine()}, {device.type}, "
                               f"{torch.get_num_threads()} threads, {world} process(es)"}
@@ -434,6 +468,7 @@ def train(args, make_extra=None):
                 bar = None
 
             last = step == total
+            fid_due = fid_setup is not None and (last or bool(args.fid_every) and step % args.fid_every == 0)
             if step % args.log_every == 0 or step % eval_every == 0 or last:
                 mean_loss = (loss_sum / loss_count).item()  # the one host sync per interval
                 if not math.isfinite(mean_loss):
@@ -446,10 +481,10 @@ def train(args, make_extra=None):
                 loss_sum.zero_()
                 term_sums.clear()
                 loss_count, t_log = 0, now
-            if step % eval_every == 0 or last:
+            if step % eval_every == 0 or last or fid_due:
                 config["wall_s"] = round(time.time() - t_start + wall_before, 1)
                 if master:
-                    measure()
+                    measure(fid_due)
                 checkpoint()
     except KeyboardInterrupt:
         if bar:

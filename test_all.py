@@ -257,8 +257,9 @@ def test_tiny_overfit_lowers_loss(cache, tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_training_run_writes_everything(cache, tmp_path):
+def test_training_run_writes_everything(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path, "--steps", "10", "--eval-every", "5"))
+    assert "FID skipped: the toy teacher's images are not CIFAR-10" in capsys.readouterr().out
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 10 and state["config"]["depth"] == 2 and state["config"]["loss"] == "l2"
     assert set(state) >= {"model", "ema", "optimizer", "step", "rng", "config"}
@@ -1019,3 +1020,18 @@ def test_cli_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "fid.py", "--npz", str(tmp_path / "float.npz")], cwd=HERE,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "uint8" in r.stderr, r.stderr
+
+
+def test_distill_fid_every_records_fid_in_results(cache, world, tmp_path, capsys):
+    flags = train_args(cache, tmp_path, "--steps", "2", "--fid-every", "2", "--fid-n", "10",
+                       "--inception", world["weights"], "--cifar", world["cifar"])
+    distill.main(flags)
+    out = capsys.readouterr().out
+    assert "FID of 10 samples is not comparable" in out and "fid " in out
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["fid_n"] == 10 and record["fid_ref"] == "train" and math.isfinite(record["fid"])
+    assert record["ema"]["is_mean"] >= 1 - 1e-6
+    # no weights: one line says why, and training goes on
+    distill.main(train_args(cache, tmp_path / "none", "--steps", "1", "--fid-every", "1",
+                            "--inception", str(tmp_path / "missing.pth")))
+    assert "FID skipped: no FID Inception weights" in capsys.readouterr().out
