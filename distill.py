@@ -192,19 +192,11 @@ def resolve(args):
 
 
 def pick_device(name=None):
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {name}, but this machine has no CUDA device; use --device cpu.")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise UsageError("--device mps, but MPS is not available here; use --device cpu.")
-        if name.split(":")[0] not in ("cuda", "mps", "cpu"):
-            raise UsageError(f"--device {name}: expected cuda, cuda:N, mps or cpu.")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """sample.pick_device, its bad input as a UsageError."""
+    try:
+        return sample.pick_device(name)
+    except ValueError as e:
+        raise UsageError(str(e))
 
 
 def setup_processes(args):

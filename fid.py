@@ -529,16 +529,6 @@ def reference_stats(which="train", cifar=None, net=None, device="cpu", batch=200
 # ----------------------------------------------------------------------------------------------
 # Command line
 
-def pick_device(name=None):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(name.split(":")[0]):
-        raise FIDError(f"--device {name}: not available here; use cuda, cuda:N, mps or cpu (whichever exists).")
-    return torch.device(name)
-
-
 def read_json(path):
     """An existing results file (a JSON object) or {}; checked before any slow work."""
     if not os.path.exists(path):
@@ -556,7 +546,10 @@ def read_json(path):
 def run(args):
     if (args.n is not None and args.n < 10) or args.batch < 1:
         raise FIDError("--n must be at least 10 (IS uses 10 splits) and --batch at least 1.")
-    device = pick_device(args.device)
+    try:
+        device = sample.pick_device(args.device)
+    except ValueError as e:
+        raise FIDError(str(e))
     json_path = args.json or (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "results.json")
                               if args.ckpt else None)
     if json_path:

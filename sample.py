@@ -19,6 +19,24 @@ from tqdm import tqdm
 import dit
 
 
+def pick_device(name=None):
+    """--device NAME checked against this machine, else the first available of cuda, mps, cpu.
+    Bad or unavailable names raise ValueError with the fix."""
+    if name:
+        if name.split(":")[0] not in ("cuda", "mps", "cpu"):
+            raise ValueError(f"--device {name} is not available here: expected cuda, cuda:N, mps or cpu.")
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}, but this machine has no CUDA device; use --device cpu.")
+        if name == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps, but MPS is not available here; use --device cpu.")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def load_model(path, device="cpu", weights="ema"):
     """A checkpoint's student -> (DiT in eval mode on device, config dict). Loads with weights_only=True."""
     if not os.path.isfile(path):
@@ -76,12 +94,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch", type=int, default=500, help="images per forward pass")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (paper) or raw weights")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     args = p.parse_args(argv)
     if args.n < 1 or args.per_class < 1 or args.batch < 1:
         print("error: --n, --per-class and --batch must be positive integers.", file=sys.stderr)
         sys.exit(2)
     try:
+        args.device = pick_device(args.device)
         model, cfg = load_model(args.ckpt, args.device, args.weights)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
