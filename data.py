@@ -19,6 +19,7 @@ import argparse
 import glob
 import hashlib
 import os
+import socket
 import sys
 import time
 
@@ -47,6 +48,38 @@ class Pairs:
 
     def batch(self, idx):
         return self.z[idx], self.y[idx], self.x[idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads (LPIPS trunks, the FID Inception, CIFAR-10): one checked path for every file we fetch
+
+def file_digest(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, path, sha256_prefix=None, md5=None):
+    """url -> path via a temp file, checked by sha256 prefix (as torch hub does) or md5, with a 60 s socket
+    timeout so that an offline machine fails in a minute, not never. Any failure raises OSError and leaves
+    no file at path; callers turn it into a message that names the file, the URL and the offline flag."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url} -> {path}", file=sys.stderr)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        torch.hub.download_url_to_file(url, path + ".tmp", hash_prefix=sha256_prefix)
+        if md5 and file_digest(path + ".tmp", "md5") != md5:
+            raise OSError(f"md5 is not {md5}")
+        os.replace(path + ".tmp", path)
+    except Exception as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise OSError(f"{type(e).__name__}: {e}") from e
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 # ----------------------------------------------------------------------------------------------

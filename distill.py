@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import time
 import warnings
@@ -109,15 +108,10 @@ def lpips_backbone_file(net, path=None, download=True):
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if os.path.isfile(cached) or not download:
         return cached if os.path.isfile(cached) else None
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
     try:
-        print(f"downloading the LPIPS {net} trunk {url} -> {cached}")
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(60)
-        torch.hub.download_url_to_file(url, cached, hash_prefix=name.split("-")[-1].split(".")[0])
-        socket.setdefaulttimeout(old)
+        data.download(url, cached, sha256_prefix=name.split("-")[-1].split(".")[0])
         return cached
-    except Exception as e:
+    except OSError as e:
         raise UsageError(f"the LPIPS loss needs torchvision's {net} weights {name}, which are not in the cache "
                          f"folder {os.path.dirname(cached)} and could not be downloaded from {url} ({e}). Put the "
                          f"file there (or pass --lpips-backbone FILE), or train offline with --loss l2.")

@@ -31,11 +31,9 @@ CPU. reference_stats needs a net from load_inception (its weights_id keys the ca
 """
 import argparse
 import glob
-import hashlib
 import json
 import os
 import pickle
-import socket
 import sys
 import tarfile
 
@@ -49,7 +47,7 @@ from tqdm import tqdm
 
 import data
 import sample
-from data import DataError
+from data import DataError, file_digest
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -236,14 +234,6 @@ class FIDInception(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Weights
 
-def file_digest(path, algorithm="sha256"):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cached_weights():
     return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
 
@@ -268,18 +258,12 @@ def load_inception(path=None, device="cpu", download=True):
         raise FIDError(file)
     if not ok:
         file = cached_weights()
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        old = socket.getdefaulttimeout()
         try:
-            print(f"downloading the FID Inception {WEIGHTS_URL} -> {file}", file=sys.stderr)
-            socket.setdefaulttimeout(60)  # fail in a minute, not never, on a machine without network
-            torch.hub.download_url_to_file(WEIGHTS_URL, file, hash_prefix=WEIGHTS_SHA256_PREFIX)
-        except Exception as e:
+            data.download(WEIGHTS_URL, file, sha256_prefix=WEIGHTS_SHA256_PREFIX)
+        except OSError as e:
             raise FIDError(f"FID needs pytorch-fid's Inception weights {WEIGHTS_NAME}, which are not in "
                            f"{os.path.dirname(file)} and could not be downloaded from {WEIGHTS_URL} "
-                           f"({type(e).__name__}: {e}). Download the file elsewhere and pass --inception PATH.")
-        finally:
-            socket.setdefaulttimeout(old)
+                           f"({e}). Download the file elsewhere and pass --inception PATH.")
     net = FIDInception()
     try:
         net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))  # strict: pytorch-fid's keys
@@ -452,20 +436,10 @@ def cifar_tarball(path=None, download=True):
             f"statistics (EDM's train statistics: {EDM_REF_URL}).")
     if not download:
         raise FIDError(f"CIFAR-10 is not at {file}. {hint}")
-    os.makedirs(data.CACHE_DIR, exist_ok=True)
-    old = socket.getdefaulttimeout()
     try:
-        print(f"downloading CIFAR-10 {CIFAR_URL} -> {file}", file=sys.stderr)
-        socket.setdefaulttimeout(60)
-        torch.hub.download_url_to_file(CIFAR_URL, file + ".tmp")
-        if file_digest(file + ".tmp", "md5") != CIFAR_MD5:
-            os.remove(file + ".tmp")
-            raise OSError(f"md5 is not {CIFAR_MD5}")
-        os.replace(file + ".tmp", file)
-    except Exception as e:
-        raise FIDError(f"CIFAR-10 could not be downloaded from {CIFAR_URL} ({type(e).__name__}: {e}). {hint}")
-    finally:
-        socket.setdefaulttimeout(old)
+        data.download(CIFAR_URL, file, md5=CIFAR_MD5)
+    except OSError as e:
+        raise FIDError(f"CIFAR-10 could not be downloaded from {CIFAR_URL} ({e}). {hint}")
     return file
 
 
