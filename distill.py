@@ -14,7 +14,6 @@ ta.py and mi1.py reuse `train()` with an extra loss module; losses live in the L
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -396,13 +395,15 @@ def train(args, make_extra=None):
                   "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
                   "data": args.data, **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": args.fid_ref,
                                          "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
+                  "batch": args.batch, "lr": args.lr, "seed": args.seed,
                   "wall_s": round(time.time() - t_start + wall_before, 1),
-                  "hardware": f"{platform.processor() or platform.machine()}, {device.type}, "
-                              f"{torch.get_num_threads()} threads, {world} process(es)"}
+                  "hardware": f"{sample.hardware(device)}, {world} process(es)"}
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        results = os.path.join(args.out, "results.json")
+        with open(results + ".tmp", "w") as f:  # temp + rename: a reader never sees half a file
             json.dump(record, f, indent=1)
+        os.replace(results + ".tmp", results)
         sample.save_grid(ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device)
         log(f"eval step {step} | ema {fmt_metrics(metrics)} | class-mean psnr {baseline['psnr']:.2f} dB")
 

@@ -9,6 +9,7 @@ Noise comes from a seeded generator, labels are uniform (i % 10), so a command a
 """
 import argparse
 import os
+import platform
 import sys
 
 import numpy as np
@@ -35,6 +36,18 @@ def pick_device(name=None):
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def hardware(device):
+    """The device in words: the GPU's name, or the CPU's model and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
 
 
 def load_model(path, device="cpu", weights="ema"):
