@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -66,6 +65,8 @@ def get_parser():
     g.add_argument("--results", nargs="+", help="results.json files or globs (distill.py, fid.py): adds quality")
     g.add_argument("--sweep-out", default="sweep.md", help="Markdown table the sweep writes")
     g.add_argument("--plot", default="tradeoff.png", help="PNG of Figure 4's three panels the sweep draws")
+    g.add_argument("--runs-out", help="write each --results run's record plus its design's latency to this "
+                                      "folder as RUN.json (study.sh's per-run results)")
     g = p.add_argument_group("Jetson / TensorRT")
     g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
                    "and print the trtexec command that times it; nothing else is timed")
@@ -379,7 +380,7 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
     flops = dit.flops_per_image(model.depth, model.width, cfg=cfg_scale != 1)
     compute_dtype = precision.autocast or precision.weights or torch.float32
     return {"mode": mode.name, "cfg_scale": cfg_scale, "design": [model.depth, model.width, model.heads],
-            "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": hardware(device),
+            "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": sample.hardware(device),
             "n": n, "batch": batch, "batches": batches, "repeats": repeats, "seconds": median,
             "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": n / median,
             "ms_per_batch": median / batches * 1e3, "gflop_per_image": flops / 1e9,
@@ -388,17 +389,6 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
             "seconds_per_50k": median * PER_50K / n, "extrapolated": n != PER_50K,
             "peak_mib": peak_mib, "setup_s": setup_s, "max_err": max_err, "image_scale": scale,
             "tolerance": precision.tolerance}
-
-
-def hardware(device):
-    """The device in words: the GPU's name, or the CPU's model and torch's thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,40 +429,61 @@ def trtexec_command(path, precision="fp16"):
 # The design-space sweep and Figure 4
 
 def load_results(patterns):
-    """results.json files (globs allowed) -> {(d,w,h): {"fid", "psnr" (means over runs, or None), "runs"}}.
-    FID is fid.py's top-level "fid"; PSNR is distill.py's held-out EMA PSNR."""
+    """results.json files (globs allowed) -> [(path, record)]; a record needs 'design': [d, w, h]."""
     paths = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise UsageError(f"--results {pattern} matches no file; pass results.json files or a quoted glob.")
         paths += matches
-    runs = {}
+    records = []
     for path in paths:
         try:
             with open(path) as f:
                 record = json.load(f)
-            design = tuple(int(v) for v in record["design"])
-            metrics = (record.get("fid"), record.get("ema", {}).get("psnr"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            record["design"] = [int(v) for v in record["design"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"cannot read {path} as a results file ({type(e).__name__}: {e}); expected the "
                              f"results.json that distill.py or fid.py write (it has 'design': [d, w, h]).")
-        runs.setdefault(design, []).append(metrics)
-
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return statistics.mean(values) if values else None
-    return {d: {"fid": mean(f for f, _ in r), "psnr": mean(p for _, p in r), "runs": len(r)} for d, r in runs.items()}
+        records.append((path, record))
+    return records
 
 
-def quality_of(results):
-    """The quality axis: the runs' FID when any has one, else their PSNR, else the paper's Table 6 FID.
-    -> (label, {(d,w,h): value})."""
-    if results and any(r["fid"] is not None for r in results.values()):
-        return "FID (runs; lower is better)", {d: r["fid"] for d, r in results.items() if r["fid"] is not None}
-    if results:
-        return "held-out PSNR dB (runs)", {d: r["psnr"] for d, r in results.items() if r["psnr"] is not None}
-    return "FID (paper, Table 6)", {(r.depth, r.width, r.heads): r.fid for r in TABLE6}
+def quality_of(records):
+    """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
+    of their held-out PSNR, else the paper's Table 6 FID. Only runs of the most common loss and method are
+    averaged, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
+    if not records:
+        return "FID (paper, Table 6)", {(r.depth, r.width, r.heads): r.fid for r in TABLE6}
+    setups = [(r.get("loss"), r.get("method")) for _, r in records]
+    common = max(setups, key=setups.count)  # a tie goes to the first run's setup, so the order of --results decides
+    chosen = [r for (_, r), setup in zip(records, setups) if setup == common]
+    use_fid = any(r.get("fid") is not None for r in chosen)
+    values = {}
+    for r in chosen:
+        value = r.get("fid") if use_fid else r.get("ema", {}).get("psnr")
+        if value is not None:
+            values.setdefault(tuple(r["design"]), []).append(value)
+    label = "FID (runs; lower is better)" if use_fid else "held-out PSNR dB (runs)"
+    return label, {d: statistics.mean(v) for d, v in values.items()}
+
+
+def write_run_records(records, rows, folder):
+    """The study's record of each run: its results.json plus the latency this sweep measured for its design
+    (the first mode), as FOLDER/<run folder name>.json."""
+    os.makedirs(folder, exist_ok=True)
+    timed_rows = {}
+    for row in rows:
+        timed_rows.setdefault(tuple(row["design"]), row)
+    keys = ("mode", "device", "hardware", "batch", "cfg_scale", "n", "extrapolated", "images_per_s",
+            "seconds_per_50k", "gflop_per_image")
+    for path, record in records:
+        row = timed_rows[tuple(record["design"])]
+        run = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        latency_record = {k: row[k] for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"],
+                                                       "torch": torch.__version__}
+        with open(os.path.join(folder, f"{run}.json"), "w") as f:
+            json.dump({"run": run, **record, "latency": latency_record}, f, indent=1)
 
 
 def family(depth, width):
@@ -539,11 +550,12 @@ def plot_tradeoff(rows, quality_label, quality, path):
 def sweep(args, device, modes):
     """Every design (Table 6's, or --designs, plus any in --results) in every mode -> rows; writes the
     Markdown table and the plot."""
-    results = load_results(args.results) if args.results else {}
+    records = load_results(args.results) if args.results else []
+    run_designs = {tuple(r["design"]) for _, r in records}
     paper = {(r.depth, r.width, r.heads): r for r in TABLE6}
     chosen = [parse_design(text) for text in args.designs] if args.designs else list(paper)
-    chosen += [d for d in sorted(results) if d not in chosen]  # the runs' own designs, timed too
-    designs = [paper.get(d, PaperRow("run" if d in results else "", "", *d, None, None)) for d in chosen]
+    chosen += [d for d in sorted(run_designs) if d not in chosen]  # the runs' own designs, timed too
+    designs = [paper.get(d, PaperRow("run" if d in run_designs else "", "", *d, None, None)) for d in chosen]
     rows = []
     for design in designs:
         for mode in modes:
@@ -554,8 +566,8 @@ def sweep(args, device, modes):
             print(f"({design.depth},{design.width},{design.heads}) {mode}: {r['images_per_s']:,.1f} img/s, "
                   f"{r['seconds_per_50k']:,.1f} s per 50k{' (extrapolated)' if r['extrapolated'] else ''}",
                   flush=True)
-    quality_label, quality = quality_of(results)
-    table = sweep_table(rows, quality_label, quality, args.n, bool(results))
+    quality_label, quality = quality_of(records)
+    table = sweep_table(rows, quality_label, quality, args.n, bool(records))
     with open(args.sweep_out, "w") as f:
         f.write(f"{rows[0]['hardware']}, torch {torch.__version__}; {args.n:,} images per design at batch "
                 f"{args.batch}, CFG {args.cfg_scale[0]}, median of {args.repeats}; "
@@ -563,6 +575,9 @@ def sweep(args, device, modes):
                 f"{table}\n")
     plot_tradeoff([r for r in rows if r["mode"] == modes[0]], quality_label, quality, args.plot)  # one mode
     print(f"\n{table}\n\nwrote {args.sweep_out} and {args.plot}")
+    if args.runs_out:
+        write_run_records(records, rows, args.runs_out)
+        print(f"wrote {len(records)} run records (results + latency) to {args.runs_out}/")
     return rows
 
 
@@ -601,6 +616,8 @@ def check_args(args, device):
             raise UsageError(f"--{flag} must be a positive integer, got {value}.")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {args.warmup}.")
+    if args.runs_out and not (args.sweep and args.results):
+        raise UsageError("--runs-out writes the --results runs with their latency: use it with --sweep --results.")
     if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep times fewer and extrapolates
         args.n = 256 if args.sweep and device.type == "cpu" else PER_50K
     if args.modes:
@@ -630,7 +647,7 @@ def benchmark(args, device, modes):
         print(f"time it with TensorRT (images/s = Throughput qps x {args.batch}; s per 50k = 50000 / images/s):"
               f"\n  {trtexec_command(args.onnx)}")
         return []
-    print(f"{hardware(device)}, torch {torch.__version__}; {args.n:,} images at batch {args.batch} "
+    print(f"{sample.hardware(device)}, torch {torch.__version__}; {args.n:,} images at batch {args.batch} "
           f"({math.ceil(args.n / args.batch)} batches), median of {args.repeats} after {args.warmup} warm-up "
           f"batches; peak MiB: {'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'}")
     print(f"\n| mode | CFG | s per {args.n:,} (min-max) | img/s | ms/batch | TFLOP/s | of matmul rate | "

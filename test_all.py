@@ -630,6 +630,7 @@ def test_compile_mode_defaults_and_graph_conflict():
     (["--d", "5", "--w", "60", "--h", "8", "--device", "cpu"], "not divisible by heads"),
     (["--ckpt", "missing.pt", "--device", "cpu"], "no checkpoint at missing.pt"),
     (["--sweep", "--device", "cpu", "--results", "nothing/*.json"], "matches no file"),
+    (["--device", "cpu", "--runs-out", "x"], "use it with --sweep --results"),
 ])
 def test_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
