@@ -602,6 +602,30 @@ def test_sweep_has_a_row_per_design(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
+    """study.sh end to end on two tiny runs: one record per run with its latency, the L1 run kept out of
+    its design's quality point, and a second call skips the finished runs."""
+    env = dict(STEPS="3", BATCH="8", OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"),
+               ONLY="d5w64h8_l2 d5w64h8_l1", BENCH_N="2", PYTHON=sys.executable)
+    argv = ["bash", "study.sh", *toy_flags(cache)]
+    first = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    records = {name: json.loads((tmp_path / "results" / f"{name}.json").read_text())
+               for name in ("d5w64h8_l2", "d5w64h8_l1")}
+    for name, r in records.items():
+        assert r["run"] == name and r["design"] == [5, 64, 8] and r["step"] == 3 and r["batch"] == 8
+        assert r["param_count"] == dit.param_count(5, 64) and r["wall_s"] > 0 and r["hardware"]
+        assert r["ema"]["psnr"] > 0 and r["class_mean"]["psnr"] > 0
+        assert r["latency"]["mode"] == "lut" and r["latency"]["ms_per_image"] > 0
+    assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_l2"]["loss"] == "l2"
+    table = (tmp_path / "results" / "sweep.md").read_text()
+    assert table.count("| (5,64,8) |") == 1 and f"| {records['d5w64h8_l2']['ema']['psnr']:.2f} |" in table
+    assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=300)
+    assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2, second.stdout[-2000:]
+    assert "config:" not in second.stdout  # no distill.py run started
+
+
 def test_default_modes_parse_on_every_device():
     for kind in ("cpu", "cuda", "mps"):
         for mode in bench.BASE_MODES[kind] + [bench.fastest_mode(torch.device(kind))]:
