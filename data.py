@@ -309,9 +309,9 @@ def main(argv=None):
     p.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement")
     p.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs to make")
     p.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
-    p.add_argument("--seed", type=int, default=0, help="toy: seed of images and noise")
+    p.add_argument("--toy-seed", type=int, default=0, help="toy: seed of images and noise (distill.py's --toy-seed)")
     args = p.parse_args(argv)
-    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.seed) if args.data == "toy" else {}
+    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.toy_seed) if args.data == "toy" else {}
     try:
         train, held = load_pairs(args.data, args.holdout, **toy)
     except DataError as e:

@@ -43,6 +43,8 @@ def get_parser():
     g.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement (never trained on)")
     g.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs the teacher makes")
     g.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
+    g.add_argument("--toy-seed", type=int, default=0, help="toy: seed of the teacher's images and pairs (apart "
+                   "from --seed, so that seed repeats vary the training, not the task)")
     g = p.add_argument_group("optimisation (paper, appendix C)")
     g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: l2)")
     g.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default="vgg", help="LPIPS trunk (GET: vgg)")
@@ -56,7 +58,7 @@ def get_parser():
     g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1200)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(ema, (1+n)/(10+n))")
     g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, label dropout, toy data")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, label dropout")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="output folder (default runs/d{d}w{w}h{h}_{loss})")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -312,7 +314,7 @@ def train(args, make_extra=None):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume.")
     state = load_checkpoint(ckpt_path) if args.resume else None
 
-    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.seed) if args.data == "toy" else {}
+    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.toy_seed) if args.data == "toy" else {}
     if master or args.data != "toy":
         train_set, held = data.load_pairs(args.data, args.holdout, **toy)
     if world > 1:
@@ -395,7 +397,7 @@ def train(args, make_extra=None):
                   "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
                   "data": args.data, **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": args.fid_ref,
                                          "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
-                  "batch": args.batch, "lr": args.lr, "seed": args.seed,
+                  "batch": args.batch, "lr": args.lr, "seed": args.seed, **({"toy_seed": args.toy_seed} if toy else {}),
                   "wall_s": round(time.time() - t_start + wall_before, 1),
                   "hardware": f"{sample.hardware(device)}, {world} process(es)"}
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:

@@ -270,6 +270,17 @@ def test_training_run_writes_everything(cache, tmp_path, capsys):
     assert not torch.equal(state["ema"]["final_layer.linear.weight"], state["model"]["final_layer.linear.weight"])
 
 
+def test_seed_varies_training_and_toy_seed_the_task(cache, tmp_path):
+    """Seed repeats of a study share one toy teacher (same class-mean baseline) but train differently."""
+    runs = {}
+    for name, flags in {"s0": [], "s1": ["--seed", "1"], "toy1": ["--toy-seed", "1"]}.items():
+        distill.main(train_args(cache, tmp_path / name, "--steps", "2", "--eval-every", "2", *flags))
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert runs["s0"]["class_mean"] == runs["s1"]["class_mean"] != runs["toy1"]["class_mean"]
+    assert runs["s0"]["ema"] != runs["s1"]["ema"]
+    assert (runs["s1"]["seed"], runs["s1"]["toy_seed"], runs["toy1"]["toy_seed"]) == (1, 0, 1)
+
+
 def test_resume_is_exact(cache, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     distill.main(train_args(cache, straight, "--steps", "20", "--eval-every", "10"))
