@@ -3,7 +3,8 @@
 # every design distilled at one budget (same steps, batch and seed), then bench.py times each design and
 # writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
-#   bash study.sh                              # the README's study: 300 steps x batch 32, ~75 min on 2 CPU cores
+#   bash study.sh            # 26 runs of 300 steps x batch 32, then the timing: ~1.5 h on 2 CPU cores
+#   WITH_5M=1 bash study.sh  # + Table 6's three 5M designs: the README's numbers, ~2 h on 2 CPU cores
 #   STEPS=4000 BATCH=128 JOBS=8 WITH_5M=1 OUT=runs/study_gpu RESULTS=results/toy_gpu bash study.sh --toy-pairs 100000
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
@@ -29,6 +30,12 @@ RUNS=(
   "5 64 8 l2 1"  "5 64 8 l2 2"                                                      # spread: seeds 1, 2
 )
 [ "$WITH_5M" = 1 ] && RUNS+=("4 256 16 l2" "16 128 8 l2" "7 192 12 l2")            # Table 6, 5M
+# Table 1's LPIPS row needs torchvision's VGG16 weights in the torch hub cache (README: LPIPS), never a download
+if "$PYTHON" -c "import sys, distill; sys.exit(distill.lpips_backbone_file('vgg', download=False) is None)"; then
+  RUNS+=("5 64 8 lpips")
+else
+  echo "study: Table 1's LPIPS row skipped: vgg16-397923af.pth is not in the torch hub cache (README: LPIPS)"
+fi
 
 run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME unless it is finished
   local k d w h loss seed; read -r k d w h loss seed <<<"$1"; shift
