@@ -27,7 +27,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -38,7 +37,8 @@ import torch.nn as nn
 
 import dit
 import sample
-from distill import UsageError, fail, pick_device
+from common import (UsageError, check_number, compile_problem, exit_on_usage_error, hardware, pick_device,
+                    positive_ints, writable_dir, writable_file, write_json)
 
 
 def get_parser():
@@ -51,13 +51,13 @@ def get_parser():
                    help="CFG scales to time: 1.5 (paper, fused 2B batch) and 1 (one pass)")
     g.add_argument("--modes", help="comma-separated modes, e.g. fp32,bf16+lut,bf16-weights+lut+compile+graph "
                    "(default: a set per device; --sweep: the device's fastest)")
-    g.add_argument("--compile-mode", help="torch.compile mode (default: max-autotune on CUDA, "
-                   "max-autotune-no-cudagraphs with +graph; default on CPU)")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (default: max-autotune on "
+                   "CUDA, max-autotune-no-cudagraphs with +graph; default on CPU)")
     g.add_argument("--repeats", type=int, default=5, help="timed repeats of all n images; the median is reported")
     g.add_argument("--warmup", type=int, default=3, help="untimed batches after the accuracy check")
     g.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and the noise")
+    g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the random weights and the noise")
     g.add_argument("--json", help="also write every measurement as a JSON list to this file")
     g = p.add_argument_group("design-space sweep (Tables 2 and 6, Figure 4)")
     g.add_argument("--sweep", action="store_true", help="time every design of Table 6 (Table 2's rows included)")
@@ -70,8 +70,8 @@ def get_parser():
     g = p.add_argument_group("Jetson / TensorRT")
     g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
                    "and print the trtexec command that times it; nothing else is timed")
-    g.add_argument("--opset", type=int, default=18, help="ONNX opset: 18 for TensorRT 10 (JetPack 6.1+), "
-                   "17 for TensorRT 8.x (JetPack 5, 6.0)")
+    g.add_argument("--opset", type=int, default=18, choices=range(17, 21), metavar="{17..20}", help="ONNX opset: 18 "
+                   "for TensorRT 10 (JetPack 6.1+), 17 for TensorRT 8.x (JetPack 5, 6.0)")
     return p
 
 
@@ -106,6 +106,7 @@ PRECISIONS = {"fp32": Precision(None, None, False, 5e-4),
               "fp16": Precision(torch.float16, None, False, 2e-2),
               "bf16-weights": Precision(None, torch.bfloat16, False, 8e-2)}
 TRANSFORMS = ("lut", "compile", "graph")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 Mode = namedtuple("Mode", "name precision lut compile graph")
 BASE_MODES = {"cuda": ["fp32", "tf32", "bf16", "bf16+lut", "bf16-weights+lut+graph"],
               "cpu": ["fp32", "lut", "bf16+lut", "bf16-weights+lut"], "mps": ["fp32", "lut"]}  # + the fastest
@@ -115,12 +116,12 @@ def fastest_mode(device):
     """The mode a sweep times by default: every lever this device and install support. torch.compile needs
     Triton on CUDA (Jetson's PyTorch often lacks it) and a C++ compiler on CPU; bf16 pays on a CPU only where
     its matmuls beat fp32's (AVX512-BF16, AMX, recent Arm), so the CPU's own rates decide."""
+    compile_ = "" if compile_problem(device) else "+compile"
     if device.type == "cuda":
-        return "bf16-weights+lut" + ("+compile" if importlib.util.find_spec("triton") else "") + "+graph"
+        return "bf16-weights+lut" + compile_ + "+graph"
     if device.type == "cpu":
         bf16 = matmul_rate(device, torch.bfloat16) > matmul_rate(device, torch.float32)
-        compiler = shutil.which("g++") or shutil.which("clang++")
-        return ("bf16-weights+lut" if bf16 else "lut") + ("+compile" if compiler else "")
+        return ("bf16-weights+lut" if bf16 else "lut") + compile_
     return "fp16+lut"
 
 
@@ -380,7 +381,7 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
     flops = dit.flops_per_image(model.depth, model.width, cfg=cfg_scale != 1)
     compute_dtype = precision.autocast or precision.weights or torch.float32
     return {"mode": mode.name, "cfg_scale": cfg_scale, "design": [model.depth, model.width, model.heads],
-            "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": sample.hardware(device),
+            "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": hardware(device),
             "n": n, "batch": batch, "batches": batches, "repeats": repeats, "seconds": median,
             "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": n / median,
             "ms_per_batch": median / batches * 1e3, "gflop_per_image": flops / 1e9,
@@ -482,8 +483,7 @@ def write_run_records(records, rows, folder):
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))
         latency_record = {k: row[k] for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"],
                                                        "torch": torch.__version__}
-        with open(os.path.join(folder, f"{run}.json"), "w") as f:
-            json.dump({"run": run, **record, "latency": latency_record}, f, indent=1)
+        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record})
 
 
 def family(depth, width):
@@ -559,8 +559,8 @@ def sweep(args, device, modes):
     rows = []
     for design in designs:
         for mode in modes:
-            r = latency((design.depth, design.width, design.heads), args.n, args.batch, mode, args.cfg_scale[0], device, args.repeats, args.warmup,
-                        args.compile_mode, args.seed)
+            r = latency((design.depth, design.width, design.heads), args.n, args.batch, mode, args.cfg_scale[0],
+                        device, args.repeats, args.warmup, args.compile_mode, args.seed)
             rows.append(dict(r, name=f"{design.budget} {design.name}".strip(), jetson_s=design.jetson_s,
                              paper_fid=design.fid))
             print(f"({design.depth},{design.width},{design.heads}) {mode}: {r['images_per_s']:,.1f} img/s, "
@@ -595,29 +595,33 @@ def parse_design(text):
 def resolve_model(args, device):
     """--ckpt, --params or --d/--w/--h (default: the 5M design) -> (DiT on device, description)."""
     if args.ckpt:
-        if args.params or args.depth or args.width:
+        if (args.params, args.depth, args.width, args.heads) != (None, None, None, None):
             raise UsageError("give one of --ckpt, --params or --d/--w/--h.")
-        try:
-            model, _ = sample.load_model(args.ckpt, device)
-        except (FileNotFoundError, ValueError) as e:
-            raise UsageError(str(e))
+        model, _ = sample.load_model(args.ckpt, device)
         return model, f"{args.ckpt} (EMA weights)"
-    try:
-        design = dit.resolve_design(args, default=dit.design("5M"))
-    except ValueError as e:
-        raise UsageError(str(e))
+    design = dit.resolve_design(args, default=dit.design("5M"))
     return random_dit(*design, seed=args.seed).to(device), "random weights"
 
 
 def check_args(args, device):
-    for flag in ("n", "batch", "repeats", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag} must be a positive integer, got {value}.")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}.")
+    """Every flag checked, and every output made sure to be writable, before anything is timed."""
+    positive_ints(args, "n", "batch", "repeats", "threads")
+    check_number(args.warmup, "--warmup", low=0, integer=True)
+    check_number(args.seed, "--seed", low=0, integer=True)
+    for scale in args.cfg_scale:
+        check_number(scale, "--cfg-scale", low=0)
     if args.runs_out and not (args.sweep and args.results):
         raise UsageError("--runs-out writes the --results runs with their latency: use it with --sweep --results.")
+    outputs = [(args.json, "--json"), (args.onnx, "--onnx")]
+    if args.sweep:
+        outputs += [(args.sweep_out, "--sweep-out"), (args.plot, "--plot")]
+        if os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise UsageError(f"--plot {args.plot}: write the figure as .png, .pdf, .svg or .jpg.")
+        if args.runs_out:
+            writable_dir(args.runs_out, "--runs-out")
+    for path, flag in outputs:
+        if path:
+            writable_file(path, flag)
     if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep times fewer and extrapolates
         args.n = 256 if args.sweep and device.type == "cpu" else PER_50K
     if args.modes:
@@ -628,6 +632,8 @@ def check_args(args, device):
     modes = [parse_mode(m, device) for m in modes]  # every mode checked before anything is timed
     for mode in modes:
         if mode.compile:
+            if compile_problem(device):
+                raise UsageError(f"mode {mode.name}: {compile_problem(device)}; choose modes without +compile.")
             pick_compile_mode(args.compile_mode, mode, device)
     return [mode.name for mode in modes]
 
@@ -647,7 +653,7 @@ def benchmark(args, device, modes):
         print(f"time it with TensorRT (images/s = Throughput qps x {args.batch}; s per 50k = 50000 / images/s):"
               f"\n  {trtexec_command(args.onnx)}")
         return []
-    print(f"{sample.hardware(device)}, torch {torch.__version__}; {args.n:,} images at batch {args.batch} "
+    print(f"{hardware(device)}, torch {torch.__version__}; {args.n:,} images at batch {args.batch} "
           f"({math.ceil(args.n / args.batch)} batches), median of {args.repeats} after {args.warmup} warm-up "
           f"batches; peak MiB: {'CUDA max allocated' if device.type == 'cuda' else 'process peak RSS'}")
     print(f"\n| mode | CFG | s per {args.n:,} (min-max) | img/s | ms/batch | TFLOP/s | of matmul rate | "
@@ -670,19 +676,17 @@ def benchmark(args, device, modes):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        device = pick_device(args.device)
-        modes = check_args(args, device)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        measured = sweep(args, device, modes) if args.sweep else benchmark(args, device, modes)
-    except UsageError as e:
-        fail(e)
-    except AccuracyError as e:
+        with exit_on_usage_error():
+            device = pick_device(args.device)
+            modes = check_args(args, device)
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            measured = sweep(args, device, modes) if args.sweep else benchmark(args, device, modes)
+    except AccuracyError as e:  # not the user's input: a mode that computes wrong images (exit 1)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if args.json and measured:
-        with open(args.json, "w") as f:
-            json.dump(measured, f, indent=1)
+        write_json(args.json, measured)
     return measured
 
 

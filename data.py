@@ -19,22 +19,18 @@ import argparse
 import glob
 import hashlib
 import os
-import socket
-import sys
 import time
 
 import numpy as np
 import torch
+
+from common import UsageError, atomic_write, check_number, exit_on_usage_error, writable_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE_DIR = os.environ.get("DIT_NANO_CACHE", os.path.join(HERE, "data"))  # where the toy pairs are cached
 NUM_CLASSES = 10
 SHAPE = (3, 32, 32)
 SIGMA_MIN, SIGMA_MAX, RHO, STEPS = 0.002, 80.0, 7.0, 18  # EDM's sampler for CIFAR-10
-
-
-class DataError(Exception):
-    """Bad data input: the message names the file and what was expected."""
 
 
 class Pairs:
@@ -48,38 +44,6 @@ class Pairs:
 
     def batch(self, idx):
         return self.z[idx], self.y[idx], self.x[idx]
-
-
-# ----------------------------------------------------------------------------------------------
-# Downloads (LPIPS trunks, the FID Inception, CIFAR-10): one checked path for every file we fetch
-
-def file_digest(path, algorithm="sha256"):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url, path, sha256_prefix=None, md5=None):
-    """url -> path via a temp file, checked by sha256 prefix (as torch hub does) or md5, with a 60 s socket
-    timeout so that an offline machine fails in a minute, not never. Any failure raises OSError and leaves
-    no file at path; callers turn it into a message that names the file, the URL and the offline flag."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)
-    try:
-        torch.hub.download_url_to_file(url, path + ".tmp", hash_prefix=sha256_prefix)
-        if md5 and file_digest(path + ".tmp", "md5") != md5:
-            raise OSError(f"md5 is not {md5}")
-        os.replace(path + ".tmp", path)
-    except Exception as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise OSError(f"{type(e).__name__}: {e}") from e
-    finally:
-        socket.setdefaulttimeout(old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,24 +134,35 @@ def toy_pairs(n, seed, bank, labels, chunk=2000, desc="pairs"):
     return Pairs(z, y, x)
 
 
+def check_toy(n_train, n_heldout, per_class, seed):
+    """The toy teacher's sizes and seed, as the flags name them; UsageError if out of range."""
+    for value, flag in ((n_train, "--toy-pairs"), (n_heldout, "--holdout"), (per_class, "--toy-per-class")):
+        check_number(value, flag, low=1, integer=True)
+    check_number(seed, "--toy-seed", low=0, integer=True)
+
+
 def load_toy(n_train=20000, n_heldout=1000, per_class=100, seed=0, cache_dir=None):
-    """Toy teacher pairs, built once and cached; deterministic for (n_train, n_heldout, per_class, seed)."""
+    """Toy teacher pairs, built once and cached; deterministic for (n_train, n_heldout, per_class, seed).
+    A cache file that cannot be read (a copy cut short, say) is built again."""
+    check_toy(n_train, n_heldout, per_class, seed)
     cache_dir = cache_dir or CACHE_DIR
     key = hashlib.sha1(f"toy-v1 {n_train} {n_heldout} {per_class} {seed}".encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"toy_{key}.pt")
     if os.path.exists(path):
-        blob = torch.load(path, weights_only=True)
-    else:
-        bank, labels = draw_images(per_class, seed)
-        train = toy_pairs(n_train, seed + 1, bank, labels, desc="train pairs")
-        held = toy_pairs(n_heldout, seed + 2, bank, labels, desc="held-out pairs")
-        blob = {"bank": bank, "bank_labels": labels, "train": vars(train), "heldout": vars(held),
-                "config": dict(n_train=n_train, n_heldout=n_heldout, per_class=per_class, seed=seed)}
-        os.makedirs(cache_dir, exist_ok=True)
-        torch.save(blob, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: an interrupted build leaves no half file
-        print(f"toy teacher: cached {n_train} + {n_heldout} pairs in {path}")
-    return Pairs(**blob["train"]), Pairs(**blob["heldout"])
+        try:
+            blob = torch.load(path, weights_only=True)
+            return Pairs(**blob["train"]), Pairs(**blob["heldout"])
+        except Exception as e:  # our own cache: rebuild it rather than stop
+            print(f"toy teacher: the cache {path} cannot be read ({type(e).__name__}); building it again")
+    writable_dir(cache_dir, "the toy-pair cache folder (DIT_NANO_CACHE)")  # before minutes of work, not after
+    bank, labels = draw_images(per_class, seed)
+    train = toy_pairs(n_train, seed + 1, bank, labels, desc="train pairs")
+    held = toy_pairs(n_heldout, seed + 2, bank, labels, desc="held-out pairs")
+    blob = {"bank": bank, "bank_labels": labels, "train": vars(train), "heldout": vars(held),
+            "config": dict(n_train=n_train, n_heldout=n_heldout, per_class=per_class, seed=seed)}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))  # an interrupted build leaves no half file
+    print(f"toy teacher: cached {n_train} + {n_heldout} pairs in {path}")
+    return train, held
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,17 +173,17 @@ def _load_mmap(path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # unreadable, truncated, legacy (non-zip) format, or not tensors
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
-                        f"Expected a file written by torch.save holding a tensor [n,3,32,32] (or, for "
-                        f"conditional latents, a list [z [n,3,32,32], one-hot labels [n,10]]). Re-download "
-                        f"the file, or check that PATH points at GET's EDM-Cond-CIFAR/EDM-Uncond-CIFAR folder.")
+        raise UsageError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                         f"Expected a file written by torch.save holding a tensor [n,3,32,32] (or, for "
+                         f"conditional latents, a list [z [n,3,32,32], one-hot labels [n,10]]). Re-download "
+                         f"the file, or check that PATH points at GET's EDM-Cond-CIFAR/EDM-Uncond-CIFAR folder.")
 
 
 def _check(t, path, what, shape_tail, dtypes):
     if not torch.is_tensor(t) or tuple(t.shape[1:]) != shape_tail or t.dtype not in dtypes:
         got = f"{t.dtype} {list(t.shape)}" if torch.is_tensor(t) else type(t).__name__
-        raise DataError(f"{path}: expected {what} as a tensor [n,{','.join(map(str, shape_tail))}] of "
-                        f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)}, got {got}.")
+        raise UsageError(f"{path}: expected {what} as a tensor [n,{','.join(map(str, shape_tail))}] of "
+                         f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)}, got {got}.")
 
 
 class GETPairs:
@@ -219,21 +194,21 @@ class GETPairs:
         lat_dir, img_dir = os.path.join(root, "latent"), os.path.join(root, "image")
         for d in (root, lat_dir, img_dir):
             if not os.path.isdir(d):
-                raise DataError(f"{d} is not a folder. --data PATH expects GET's pair layout: PATH/latent/*.pkl "
-                                f"and PATH/image/*.pkl (see README, 'Real CIFAR-10 pairs'), or use --data toy.")
+                raise UsageError(f"{d} is not a folder. --data PATH expects GET's pair layout: PATH/latent/*.pkl "
+                                 f"and PATH/image/*.pkl (see README, 'Real CIFAR-10 pairs'), or use --data toy.")
         names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(lat_dir, "*.pkl")))
         if not names:
-            raise DataError(f"{lat_dir} holds no *.pkl files; expected GET's latent files (e.g. 000000000.pkl).")
+            raise UsageError(f"{lat_dir} holds no *.pkl files; expected GET's latent files (e.g. 000000000.pkl).")
         self.files = []  # (z, y or None, x) per file, memory-mapped
         for name in names:
             lat_path, img_path = os.path.join(lat_dir, name), os.path.join(img_dir, name)
             if not os.path.exists(img_path):
-                raise DataError(f"{img_path} is missing: every latent file needs an image file of the same name.")
+                raise UsageError(f"{img_path} is missing: every latent file needs an image file of the same name.")
             lat, img = _load_mmap(lat_path), _load_mmap(img_path)
             if isinstance(lat, (list, tuple)):  # conditional: [z, one-hot labels]
                 if len(lat) != 2:
-                    raise DataError(f"{lat_path}: a conditional latent file must be a list [z, one-hot labels], "
-                                    f"got a list of {len(lat)} items.")
+                    raise UsageError(f"{lat_path}: a conditional latent file must be a list [z, one-hot labels], "
+                                     f"got a list of {len(lat)} items.")
                 z, onehot = lat
                 _check(onehot, lat_path, "one-hot labels", (NUM_CLASSES,), (torch.float32, torch.float64,
                                                                             torch.int64, torch.uint8))
@@ -243,12 +218,12 @@ class GETPairs:
             _check(z, lat_path, "noise z", SHAPE, (torch.float32,))
             _check(img, img_path, "images", SHAPE, (torch.float32, torch.float64))
             if len(img) != len(z) or (y is not None and len(y) != len(z)):
-                raise DataError(f"{lat_path} and {img_path} hold different numbers of pairs "
-                                f"({len(z)} latents, {len(img)} images).")
+                raise UsageError(f"{lat_path} and {img_path} hold different numbers of pairs "
+                                 f"({len(z)} latents, {len(img)} images).")
             self.files.append((z, y, img))
         self.conditional = self.files[0][1] is not None
         if any((f[1] is not None) != self.conditional for f in self.files):
-            raise DataError(f"{lat_dir} mixes conditional and unconditional latent files.")
+            raise UsageError(f"{lat_dir} mixes conditional and unconditional latent files.")
         self.offsets = np.cumsum([0] + [len(f[0]) for f in self.files])  # global index of each file's row 0
         total = int(self.offsets[-1])
         self.start, self.stop = start, total if stop is None else stop
@@ -275,12 +250,29 @@ class GETPairs:
     def split(self, heldout):
         """The last `heldout` pairs for measurement, the rest for training."""
         if not 0 < heldout < len(self):
-            raise DataError(f"--holdout {heldout} must be between 1 and the {len(self)} pairs found.")
+            raise UsageError(f"--holdout {heldout} must be between 1 and one less than the {len(self)} pairs found.")
         train, held = GETPairs.__new__(GETPairs), GETPairs.__new__(GETPairs)
         for part in (train, held):
             part.__dict__.update(self.__dict__)
         train.stop = held.start = self.stop - heldout
         return train, held
+
+
+def add_flags(parser):
+    """The data flags, shared by data.py and distill.py (so ta.py and mi1.py): a group on parser."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="toy", help="'toy' (built-in exact EDM teacher) or a folder of GET's pairs")
+    g.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement (never trained on)")
+    g.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs the teacher makes")
+    g.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
+    g.add_argument("--toy-seed", type=int, default=0, help="toy: seed of the teacher's images and pairs (apart "
+                   "from distill.py's --seed, so that seed repeats vary the training, not the task)")
+    return g
+
+
+def toy_options(args):
+    """The toy flags as load_toy's keywords; {} for real data, which ignores them."""
+    return dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.toy_seed) if args.data == "toy" else {}
 
 
 def load_pairs(spec, heldout=1000, **toy_kwargs):
@@ -305,18 +297,10 @@ def psnr(mse):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--data", default="toy", help="'toy' (built-in exact teacher) or a folder of GET's pairs")
-    p.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement")
-    p.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs to make")
-    p.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
-    p.add_argument("--toy-seed", type=int, default=0, help="toy: seed of images and noise (distill.py's --toy-seed)")
+    add_flags(p)
     args = p.parse_args(argv)
-    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.toy_seed) if args.data == "toy" else {}
-    try:
-        train, held = load_pairs(args.data, args.holdout, **toy)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_usage_error():
+        train, held = load_pairs(args.data, args.holdout, **toy_options(args))
     means = class_means(train)
     _, y, x = held.batch(torch.arange(len(held)))
     mse = ((means[y] - x) ** 2).mean()

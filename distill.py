@@ -28,6 +28,9 @@ import data
 import dit
 import fid
 import sample
+from common import (UsageError, atomic_write, check_number, compile_problem, download_file,
+                    exit_on_usage_error, hardware, load_torch_file, pick_device, positive_ints, writable_dir,
+                    write_json)
 
 # ----------------------------------------------------------------------------------------------
 # Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
@@ -37,14 +40,8 @@ TOY = dict(loss="l2", batch=32, steps=1200, lr=3e-4, log_every=50, eval_every=40
 
 
 def get_parser():
-    p, g = dit.design_parser(__doc__, "model (DESIGN.md 2); default: the 0.42M design (5,64,8)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="toy", help="'toy' (built-in exact EDM teacher) or a folder of GET's pairs")
-    g.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement (never trained on)")
-    g.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs the teacher makes")
-    g.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
-    g.add_argument("--toy-seed", type=int, default=0, help="toy: seed of the teacher's images and pairs (apart "
-                   "from --seed, so that seed repeats vary the training, not the task)")
+    p, g = dit.design_parser(__doc__, "model (DESIGN.md 1-2); default: the 0.42M design (5,64,8)")
+    data.add_flags(p)
     g = p.add_argument_group("optimisation (paper, appendix C)")
     g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: l2)")
     g.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default="vgg", help="LPIPS trunk (GET: vgg)")
@@ -58,7 +55,7 @@ def get_parser():
     g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1200)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(ema, (1+n)/(10+n))")
     g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order, label dropout")
+    g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of init, data order, label dropout")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="output folder (default runs/d{d}w{w}h{h}_{loss})")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
@@ -76,17 +73,9 @@ def get_parser():
                    "mu/sigma .npz")
     g.add_argument("--inception", help="FID Inception weights file (default: the torch hub cache)")
     g.add_argument("--cifar", help="CIFAR-10 python tarball for the reference statistics (default: data/)")
-    p.set_defaults(method="distill")  # ta.py and mi1.py set their own; recorded in the config
+    # ta.py and mi1.py set their own method (recorded in the config) and may set another default design
+    p.set_defaults(method="distill", default_design=(5, 64, 8))
     return p
-
-
-class UsageError(Exception):
-    """Bad input a user can fix; printed as one paragraph, exit code 2."""
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +99,7 @@ def lpips_backbone_file(net, path=None, download=True):
     if os.path.isfile(cached) or not download:
         return cached if os.path.isfile(cached) else None
     try:
-        data.download(url, cached, sha256_prefix=name.split("-")[-1].split(".")[0])
+        download_file(url, cached, sha256_prefix=name.split("-")[-1].split(".")[0])
         return cached
     except OSError as e:
         raise UsageError(f"the LPIPS loss needs torchvision's {net} weights {name}, which are not in the cache "
@@ -130,10 +119,13 @@ def build_lpips(net, device, backbone=None, download=True):
         import lpips
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)  # linear heads ship with lpips
     if backbone != "random":
-        weights = torch.load(backbone, map_location="cpu", weights_only=True)
-        # lpips keeps torchvision's layer indices inside its slices: slice2.5.weight <- features.5.weight
-        trunk = {k: weights["features." + k.split(".", 1)[1]] for k in model.net.state_dict()}
-        model.net.load_state_dict(trunk)
+        what = f"torchvision's {net} trunk weights {LPIPS_BACKBONES[net][0]}"
+        weights = load_torch_file(backbone, what, "--lpips-backbone")
+        try:  # lpips keeps torchvision's layer indices inside its slices: slice2.5.weight <- features.5.weight
+            model.net.load_state_dict({k: weights["features." + k.split(".", 1)[1]] for k in model.net.state_dict()})
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise UsageError(f"--lpips-backbone {backbone} is not {what} ({type(e).__name__}: {str(e)[:200]}); "
+                             f"download {LPIPS_BACKBONES[net][1]}.")
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -166,32 +158,29 @@ def build_loss(args, device):
 # Configuration, device, processes
 
 def resolve(args):
-    """Fill every None flag; the result is the run's config (a plain dict in every checkpoint)."""
+    """Fill every None flag and check every value; the result is the run's config (a plain dict in every
+    checkpoint). Raises UsageError naming the flag."""
     defaults = TOY if args.data == "toy" else PAPER
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    try:
-        args.depth, args.width, args.heads = dit.resolve_design(args, default=(5, 64, 8))
-    except ValueError as e:
-        raise UsageError(str(e))
-    for flag in ("batch", "steps", "log_every", "eval_every", "holdout", "fid_every", "fid_n"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {v}.")
-    if args.epochs is not None and args.epochs <= 0:
-        raise UsageError(f"--epochs must be positive, got {args.epochs}.")
+    args.depth, args.width, args.heads = dit.resolve_design(args, default=args.default_design)
+    positive_ints(args, "batch", "steps", "log_every", "eval_every", "holdout", "fid_every")
+    if args.data == "toy":
+        data.check_toy(args.toy_pairs, args.holdout, args.toy_per_class, args.toy_seed)
+    check_number(args.seed, "--seed", low=0, integer=True)
+    check_number(args.epochs, "--epochs", low=0, low_open=True)
+    check_number(args.lr, "--lr", low=0, low_open=True)
+    check_number(args.weight_decay, "--weight-decay", low=0)
+    check_number(args.ema, "--ema", low=0, high=1)
+    check_number(args.label_dropout, "--label-dropout", low=0, high=1)
+    check_number(args.cfg_scale, "--cfg-scale", low=0)
+    check_number(args.fid_n, "--fid-n", low=10, integer=True)  # IS averages over 10 splits
+    if args.lpips_size != 0:  # VGG pools four times before its last LPIPS layer: 32 pixels is the least
+        check_number(args.lpips_size, "--lpips-size (0 keeps 32x32)", low=32, integer=True)
     prefix = "" if args.method == "distill" else args.method + "_"  # runs/ta_d5w64h8_l2 for ta.py
     args.out = args.out or os.path.join("runs", f"{prefix}d{args.depth}w{args.width}h{args.heads}_{args.loss}")
     return args
-
-
-def pick_device(name=None):
-    """sample.pick_device, its bad input as a UsageError."""
-    try:
-        return sample.pick_device(name)
-    except ValueError as e:
-        raise UsageError(str(e))
 
 
 def setup_processes(args):
@@ -224,16 +213,18 @@ def save_checkpoint(path, model, ema, opt, extra, step, config):
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
              "config": dict(config)}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken ckpt.pt
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a crash mid-write never leaves a broken ckpt.pt
 
 
 def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). It must be a DiT-Nano "
-                         f"checkpoint written by distill.py, ta.py or mi1.py.")
+    """The checkpoint a --resume continues; a file that is not one is a UsageError."""
+    state = load_torch_file(path, "a checkpoint written by distill.py, ta.py or mi1.py", "--resume:")
+    missing = [k for k in ("model", "ema", "optimizer", "extra", "step", "rng", "config")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"--resume: {path} is not a checkpoint this script can resume (it lacks "
+                         f"{', '.join(missing)}); move it away or choose another --out.")
+    return state
 
 
 @torch.no_grad()
@@ -273,7 +264,7 @@ def setup_fid(args, device, log):
     try:
         net = fid.load_inception(args.inception, device, download=False)
         mu, sigma = fid.reference_stats(args.fid_ref, args.cifar, net, device, download=False)
-    except fid.FIDError as e:
+    except UsageError as e:
         log(f"FID skipped: {e}")
         return None
     if args.fid_n < fid.PUBLISHED_N:
@@ -313,8 +304,11 @@ def train(args, make_extra=None):
     if args.resume and not os.path.exists(ckpt_path):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume.")
     state = load_checkpoint(ckpt_path) if args.resume else None
+    writable_dir(args.out, "--out")  # now, not when the first checkpoint is due
+    if args.compile and compile_problem(device):
+        raise UsageError(f"--compile: {compile_problem(device)}; train without --compile.")
 
-    toy = dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.toy_seed) if args.data == "toy" else {}
+    toy = data.toy_options(args)
     if master or args.data != "toy":
         train_set, held = data.load_pairs(args.data, args.holdout, **toy)
     if world > 1:
@@ -355,15 +349,15 @@ def train(args, make_extra=None):
                             weight_decay=args.weight_decay)
     step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if extra is not None:
-            try:
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            if extra is not None:
                 extra.load_state_dict(state["extra"])
-            except RuntimeError as e:
-                raise UsageError(f"--resume: {ckpt_path} holds method weights that do not fit this run ({e}); "
-                                 f"resume with the same settings, or choose another --out.")
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--resume: {ckpt_path} holds weights that do not fit this run ({type(e).__name__}: "
+                             f"{str(e)[:300]}); resume with the same settings, or choose another --out.")
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -375,7 +369,6 @@ def train(args, make_extra=None):
     needs_hidden = extra is not None and getattr(extra, "needs_hidden", False)
     base_weight = getattr(extra, "base_weight", 1.0)
 
-    os.makedirs(args.out, exist_ok=True)
     means = data.class_means(train_set).to(device)
     baseline = evaluate(lambda z, y: means[y], held, device, lpips_eval)
     log(f"class-mean baseline (predict the class's mean teacher image) on {len(held)} held-out pairs: "
@@ -399,13 +392,10 @@ def train(args, make_extra=None):
                                          "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
                   "batch": args.batch, "lr": args.lr, "seed": args.seed, **({"toy_seed": args.toy_seed} if toy else {}),
                   "wall_s": round(time.time() - t_start + wall_before, 1),
-                  "hardware": f"{sample.hardware(device)}, {world} process(es)"}
+                  "hardware": f"{hardware(device)}, {world} process(es)"}
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        results = os.path.join(args.out, "results.json")
-        with open(results + ".tmp", "w") as f:  # temp + rename: a reader never sees half a file
-            json.dump(record, f, indent=1)
-        os.replace(results + ".tmp", results)
+        write_json(os.path.join(args.out, "results.json"), record)
         sample.save_grid(ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device)
         log(f"eval step {step} | ema {fmt_metrics(metrics)} | class-mean psnr {baseline['psnr']:.2f} dB")
 
@@ -424,7 +414,8 @@ def train(args, make_extra=None):
                            disable=not master or not sys.stderr.isatty())
                 # data order and label dropout derive from (seed, epoch, step): the same on every rank and
                 # after a resume, so DDP and resumed runs see exactly the batches a single run would
-                order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+                order = torch.randperm(len(train_set),
+                                       generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
             idx = order[in_epoch * args.batch:(in_epoch + 1) * args.batch][rank * local_batch:(rank + 1) * local_batch]
             z, y, x = (t.to(device, non_blocking=True) for t in train_set.batch(idx))
             g = torch.Generator().manual_seed(args.seed * 104729 + step)
@@ -495,13 +486,11 @@ def train(args, make_extra=None):
 def main(argv=None, make_extra=None, parser=None, check=None):
     """Parse, resolve, check (a method's flag validation), train; bad input ends in one paragraph, exit 2."""
     args = (parser or get_parser()).parse_args(argv)
-    try:
+    with exit_on_usage_error():
         args = resolve(args)
         if check:
             check(args)
         return train(args, make_extra)
-    except (UsageError, data.DataError) as e:
-        fail(e)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ plain PyTorch), its exact parameter and FLOP counts, and the paper's design rule
 """
 import argparse
 import math
-import sys
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import UsageError, exit_on_usage_error
 
 IMG, PATCH, CHANNELS, NUM_CLASSES = 32, 2, 3, 10
 TOKENS = (IMG // PATCH) ** 2  # T = 256 tokens of 2x2x3 pixels
@@ -28,7 +29,7 @@ STUDENT_T = 0.0                # the one-step student's constant timestep input 
 
 
 # ----------------------------------------------------------------------------------------------
-# Counting and design rules (DESIGN.md section 2)
+# Counting and design rules (DESIGN.md, sections 1 and 2)
 
 def param_count(d, w):
     """All nn.Parameters, pos_embed included: P(d,w) = d(18w^2 + 15w) + 3w^2 + 296w + 12 + 256w."""
@@ -56,9 +57,9 @@ def parse_params(text):
     try:
         value = float(t[:-1] if scale != 1 else t) * scale
     except ValueError:
-        raise ValueError(f"cannot read the parameter budget {text!r}: write it like 0.42M, 2.2M, 5M, 500k or 421068")
-    if value <= 0:
-        raise ValueError(f"the parameter budget {text!r} must be positive")
+        raise UsageError(f"cannot read the parameter budget {text!r}: write it like 0.42M, 2.2M, 5M, 500k or 421068.")
+    if not 0 < value < math.inf:
+        raise UsageError(f"the parameter budget {text!r} must be a positive, finite number, like 0.42M.")
     return int(round(value))
 
 
@@ -72,12 +73,13 @@ def design(params, tolerance=0.01):
         for d in (int(math.log2(w)), int(math.log2(w)) - 1):
             if d >= 1 and param_count(d, w) <= budget * (1 + tolerance):
                 return d, w, rule_heads(w)
-    raise ValueError(f"no design fits a budget of {budget:,} parameters; the smallest, (1, 4, 2), needs "
+    raise UsageError(f"no design fits a budget of {budget:,} parameters; the smallest, (1, 4, 2), needs "
                      f"{param_count(1, 4):,}")
 
 
 def check_shape(depth, width, heads):
-    """A clear error for a design the model cannot build (instead of a shape crash deep in forward)."""
+    """A clear error (UsageError, a ValueError) for a design the model cannot build, instead of a shape crash
+    deep in forward."""
     problems = []
     if not 1 <= depth <= 256:
         problems.append(f"depth {depth} is outside 1..256")
@@ -88,7 +90,7 @@ def check_shape(depth, width, heads):
         problems.append(f"width {width} is not divisible by heads {heads}; heads must divide the width, "
                         f"e.g. --h {rule_heads(width) if width >= 1 else 1} (the design rule's choice)")
     if problems:
-        raise ValueError("cannot build DiT(depth=%d, width=%d, heads=%d): %s." % (depth, width, heads,
+        raise UsageError("cannot build DiT(depth=%d, width=%d, heads=%d): %s." % (depth, width, heads,
                                                                                  "; ".join(problems)))
 
 
@@ -261,30 +263,29 @@ def design_parser(doc, title="model"):
 
 
 def resolve_design(args, default=None):
-    """The flags of design_parser -> a checked (d, w, h); `default` when none is given. Raises ValueError."""
-    if args.params and (args.depth or args.width):
-        raise ValueError("give --params BUDGET or --d/--w/--h, not both.")
-    if args.params:
+    """The flags of design_parser -> a checked (d, w, h); `default` (d, w, h) when none is given.
+    Raises UsageError."""
+    if args.params is not None and (args.depth, args.width, args.heads) != (None, None, None):
+        raise UsageError("give --params BUDGET or --d/--w/--h, not both.")
+    if args.params is not None:
         return design(args.params)
     if args.depth is None and args.width is None:
         if default is None:
-            raise ValueError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS].")
-        d, w, h = default[0], default[1], args.heads or default[2]
+            raise UsageError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS].")
+        d, w, h = default[0], default[1], args.heads if args.heads is not None else default[2]
     elif args.depth is None or args.width is None:
-        raise ValueError("give both --d and --w (or --params BUDGET).")
+        raise UsageError("give both --d and --w (or --params BUDGET).")
     else:
-        d, w, h = args.depth, args.width, args.heads or rule_heads(args.width)
+        d, w = args.depth, args.width
+        h = args.heads if args.heads is not None else rule_heads(w) if w >= 1 else 1
     check_shape(d, w, h)
     return d, w, h
 
 
 def main(argv=None):
     parser, _ = design_parser(__doc__)
-    try:
+    with exit_on_usage_error():
         d, w, h = resolve_design(parser.parse_args(argv))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"DiT(d={d}, w={w}, h={h}): {param_count(d, w):,} parameters, "
           f"{flops_per_image(d, w) / 1e9:.3f} GFLOP/image (x2 with CFG)")
 

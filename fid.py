@@ -1,5 +1,5 @@
 """
-FID and Inception Score of DiT-Nano samples, comparable with published CIFAR-10 numbers (DESIGN.md 6).
+FID and Inception Score of DiT-Nano samples, comparable with published CIFAR-10 numbers (DESIGN.md section 7).
 
     python fid.py --ckpt runs/d5w64h8_l2/ckpt.pt       # 50k EMA samples, CFG 1.5, vs CIFAR-10 train (EDM's ref)
     python fid.py --ckpt CKPT --ref test               # vs CIFAR-10 test (GET's reference)
@@ -16,7 +16,7 @@ downloaded from pytorch-fid's release (sha256-checked). Reference statistics (CI
 python tarball, md5-checked) are cached under data.CACHE_DIR. --ckpt also merges its numbers into the run's
 results.json (keys fid, is_mean, is_std, fid_n, fid_ref, fid_cfg_scale).
 
-API (what distill.py's --fid-every uses; errors are FIDError, a data.DataError):
+API (what distill.py's --fid-every uses; bad input raises common.UsageError):
 
     import fid
     ok, why = fid.inception_available()                  # never downloads
@@ -47,7 +47,8 @@ from tqdm import tqdm
 
 import data
 import sample
-from data import DataError, file_digest
+from common import (UsageError, check_number, download_file, exit_on_usage_error, file_digest, pick_device,
+                    positive_ints, save_npz, writable_file, write_json)
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -79,11 +80,6 @@ def get_parser():
     p.add_argument("--json", help="merge the numbers into this JSON file (default with --ckpt: results.json beside it)")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available)")
     return p
-
-
-class FIDError(DataError):
-    """Bad FID input (weights, images, reference): one paragraph naming the problem and the fix; exit code 2.
-    A data.DataError, so callers that already catch those (distill.py) catch these too."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,23 +249,23 @@ def load_inception(path=None, device="cpu", download=True):
     sha256 prefix (it keys the reference-statistics cache)."""
     ok, file = inception_available(path)
     if not ok and path:
-        raise FIDError(f"--inception {path}: no such file (expected pytorch-fid's {WEIGHTS_NAME}, {WEIGHTS_URL}).")
+        raise UsageError(f"--inception {path}: no such file (expected pytorch-fid's {WEIGHTS_NAME}, {WEIGHTS_URL}).")
     if not ok and not download:
-        raise FIDError(file)
+        raise UsageError(file)
     if not ok:
         file = cached_weights()
         try:
-            data.download(WEIGHTS_URL, file, sha256_prefix=WEIGHTS_SHA256_PREFIX)
+            download_file(WEIGHTS_URL, file, sha256_prefix=WEIGHTS_SHA256_PREFIX)
         except OSError as e:
-            raise FIDError(f"FID needs pytorch-fid's Inception weights {WEIGHTS_NAME}, which are not in "
-                           f"{os.path.dirname(file)} and could not be downloaded from {WEIGHTS_URL} "
-                           f"({e}). Download the file elsewhere and pass --inception PATH.")
+            raise UsageError(f"FID needs pytorch-fid's Inception weights {WEIGHTS_NAME}, which are not in "
+                             f"{os.path.dirname(file)} and could not be downloaded from {WEIGHTS_URL} "
+                             f"({e}). Download the file elsewhere and pass --inception PATH.")
     net = FIDInception()
     try:
         net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))  # strict: pytorch-fid's keys
     except Exception as e:
-        raise FIDError(f"{file} is not pytorch-fid's FID Inception weights {WEIGHTS_NAME} "
-                       f"({type(e).__name__}: {str(e)[:300]}...). Download {WEIGHTS_URL} and pass --inception PATH.")
+        raise UsageError(f"{file} is not pytorch-fid's FID Inception weights {WEIGHTS_NAME} "
+                         f"({type(e).__name__}: {str(e)[:300]}...). Download {WEIGHTS_URL} and pass --inception PATH.")
     net.weights_id = file_digest(file)[:8]
     return net.eval().requires_grad_(False).to(device)
 
@@ -297,13 +293,13 @@ def tf1_resize(x, size=SIZE):
 
 
 def as_uint8_nchw(images, what="images"):
-    """uint8 images [N,H,W,3] or [N,3,H,W] (numpy or torch) -> torch uint8 [N,3,H,W]; anything else: FIDError."""
+    """uint8 images [N,H,W,3] or [N,3,H,W] (numpy or torch) -> torch uint8 [N,3,H,W]; anything else: UsageError."""
     t = images if torch.is_tensor(images) else np.asarray(images)
     if str(t.dtype).replace("torch.", "") != "uint8":
-        raise FIDError(f"{what}: expected uint8 images on [0,255], got {t.dtype}. Quantise images on [-1,1] as "
-                       f"(x*127.5+128).clip(0,255).astype(uint8), as sample.py --npz does.")
+        raise UsageError(f"{what}: expected uint8 images on [0,255], got {t.dtype}. Quantise images on [-1,1] as "
+                         f"(x*127.5+128).clip(0,255).astype(uint8), as sample.py --npz does.")
     if t.ndim != 4 or 3 not in (t.shape[1], t.shape[3]) or len(t) == 0:
-        raise FIDError(f"{what}: expected RGB images [N,H,W,3] or [N,3,H,W] with N > 0, got shape {tuple(t.shape)}.")
+        raise UsageError(f"{what}: expected RGB images [N,H,W,3] or [N,3,H,W] with N > 0, got shape {tuple(t.shape)}.")
     t = torch.as_tensor(t)
     return t if t.shape[1] == 3 else t.permute(0, 3, 1, 2)
 
@@ -351,8 +347,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3:
-            raise FIDError(f"sqrtm(S1 S2) has an imaginary part of {imag:.3g} on its diagonal: the covariances are "
-                           f"not valid (too few images for {len(sigma1)} dimensions, or a broken statistics file).")
+            raise UsageError(f"sqrtm(S1 S2) has an imaginary part of {imag:.3g} on its diagonal: the covariances are "
+                             f"not valid (too few images for {len(sigma1)} dimensions, or a broken statistics file).")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -393,33 +389,35 @@ def fid_of_model(model, net, ref_mu, ref_sigma, n=PUBLISHED_N, cfg_scale=1.5, se
 def load_npz_images(path):
     """sample.py's .npz (key 'images'), or an .npz holding one array -> uint8 [N,3,H,W]."""
     if not os.path.isfile(path):
-        raise FIDError(f"--npz {path}: no such file; write one with python sample.py --ckpt CKPT --npz {path}.")
+        raise UsageError(f"--npz {path}: no such file; write one with python sample.py --ckpt CKPT --npz {path}.")
     try:
         with np.load(path) as f:  # allow_pickle=False: an .npz of plain arrays only
-            if "images" not in f.files and len(f.files) != 1:
-                raise FIDError(f"{path} holds {f.files}; expected an 'images' array (sample.py --npz) or one array.")
-            images = f["images" if "images" in f.files else f.files[0]]
-    except (OSError, ValueError) as e:
-        raise FIDError(f"cannot read {path} as an .npz of arrays ({type(e).__name__}: {e}).")
+            names = list(f.files)
+            images = f["images" if "images" in names else names[0]] if "images" in names or len(names) == 1 else None
+    except Exception as e:  # not an .npz, truncated, or holding pickled objects
+        raise UsageError(f"cannot read {path} as an .npz of arrays ({type(e).__name__}: {e}); write one with "
+                         f"python sample.py --ckpt CKPT --npz {path}.")
+    if images is None:
+        raise UsageError(f"{path} holds {names}; expected an 'images' array (sample.py --npz) or one array.")
     return as_uint8_nchw(images, path)
 
 
 def load_png_folder(path):
     """Every .png in a folder (sorted by name), as RGB -> uint8 [N,3,H,W]."""
     if not os.path.isdir(path):
-        raise FIDError(f"--images {path}: not a folder (expected a folder of .png images).")
+        raise UsageError(f"--images {path}: not a folder (expected a folder of .png images).")
     files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(".png"))
     if not files:
-        raise FIDError(f"--images {path}: the folder holds no .png files.")
+        raise UsageError(f"--images {path}: the folder holds no .png files.")
     images = []
     for f in files:
         try:
             images.append(np.asarray(Image.open(f).convert("RGB")))  # grey or RGBA -> RGB, as torch-fidelity does
         except OSError as e:
-            raise FIDError(f"cannot read {f} as an image ({e}).")
+            raise UsageError(f"cannot read {f} as an image ({e}).")
         if images[-1].shape != images[0].shape:
-            raise FIDError(f"{f} is {images[-1].shape[:2]}, but {files[0]} is {images[0].shape[:2]}: the images in "
-                           f"--images {path} must all have one size.")
+            raise UsageError(f"{f} is {images[-1].shape[:2]}, but {files[0]} is {images[0].shape[:2]}: the images in "
+                             f"--images {path} must all have one size.")
     return as_uint8_nchw(np.stack(images), path)
 
 
@@ -427,7 +425,7 @@ def cifar_tarball(path=None, download=True):
     """The CIFAR-10 python tarball: `path`, else data.CACHE_DIR's copy, else downloaded there (md5 checked)."""
     if path:
         if not os.path.isfile(path):
-            raise FIDError(f"--cifar {path}: no such file (expected cifar-10-python.tar.gz from {CIFAR_URL}).")
+            raise UsageError(f"--cifar {path}: no such file (expected cifar-10-python.tar.gz from {CIFAR_URL}).")
         return path
     file = os.path.join(data.CACHE_DIR, "cifar-10-python.tar.gz")
     if os.path.isfile(file):
@@ -435,11 +433,11 @@ def cifar_tarball(path=None, download=True):
     hint = (f"Download {CIFAR_URL} elsewhere and pass --cifar PATH, or pass --ref FILE.npz with precomputed "
             f"statistics (EDM's train statistics: {EDM_REF_URL}).")
     if not download:
-        raise FIDError(f"CIFAR-10 is not at {file}. {hint}")
+        raise UsageError(f"CIFAR-10 is not at {file}. {hint}")
     try:
-        data.download(CIFAR_URL, file, md5=CIFAR_MD5)
+        download_file(CIFAR_URL, file, md5=CIFAR_MD5)
     except OSError as e:
-        raise FIDError(f"CIFAR-10 could not be downloaded from {CIFAR_URL} ({e}). {hint}")
+        raise UsageError(f"CIFAR-10 could not be downloaded from {CIFAR_URL} ({e}). {hint}")
     return file
 
 
@@ -454,9 +452,9 @@ def read_cifar(tar_path, split):
                     # md5-checked download or a file the user named with --cifar
                     batch = pickle.load(f, encoding="bytes")
                 arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
-        raise FIDError(f"{tar_path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); expected "
-                       f"cifar-10-batches-py/{{data_batch_1..5,test_batch}} inside, as in {CIFAR_URL}.")
+    except Exception as e:  # not a tarball, truncated, or other files inside
+        raise UsageError(f"{tar_path} is not the CIFAR-10 python tarball ({type(e).__name__}: {e}); expected "
+                         f"cifar-10-batches-py/{{data_batch_1..5,test_batch}} inside, as in {CIFAR_URL}.")
     return torch.from_numpy(np.concatenate(arrays))
 
 
@@ -465,12 +463,12 @@ def read_stats(path):
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except (OSError, ValueError, KeyError) as e:
-        raise FIDError(f"--ref {path}: expected 'train', 'test' or an .npz with arrays mu and sigma "
-                       f"({type(e).__name__}: {e}).")
+    except Exception as e:  # missing, not an .npz, truncated, or without mu/sigma
+        raise UsageError(f"--ref {path}: expected 'train', 'test' or an .npz with arrays mu and sigma "
+                         f"({type(e).__name__}: {e}).")
     if mu.shape != (FEATURES,) or sigma.shape != (FEATURES, FEATURES):
-        raise FIDError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape} must be [2048] and [2048,2048] "
-                       f"(pool3 statistics of the FID Inception).")
+        raise UsageError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape} must be [2048] and [2048,2048] "
+                         f"(pool3 statistics of the FID Inception).")
     return mu, sigma
 
 
@@ -484,19 +482,17 @@ def reference_stats(which="train", cifar=None, net=None, device="cpu", batch=200
         return read_stats(official)
     tar = cifar_tarball(cifar, download)
     md5 = file_digest(tar, "md5")
-    cache = official
-    if md5 != CIFAR_MD5:  # a different tarball gets its own cache file, and a warning
+    cache = official if md5 == CIFAR_MD5 else official.replace(".npz", f"_tar-{md5[:8]}.npz")  # its own cache
+    if os.path.isfile(cache):
+        mu, sigma = read_stats(cache)
+    else:
+        pool3, _ = features_and_logits(net, read_cifar(tar, which), batch, device, progress)
+        mu, sigma = statistics(pool3)
+        os.makedirs(data.CACHE_DIR, exist_ok=True)
+        save_npz(cache, mu=mu, sigma=sigma, n=len(pool3))  # atomic: an interrupted run never leaves a broken cache
+    if md5 != CIFAR_MD5:
         print(f"warning: {tar} is not the official CIFAR-10 tarball (md5 {md5}, expected {CIFAR_MD5}); its "
               f"statistics are not comparable with published numbers.", file=sys.stderr)
-        cache = official.replace(".npz", f"_tar-{md5[:8]}.npz")
-    if os.path.isfile(cache):
-        return read_stats(cache)
-    pool3, _ = features_and_logits(net, read_cifar(tar, which), batch, device, progress)
-    mu, sigma = statistics(pool3)
-    os.makedirs(data.CACHE_DIR, exist_ok=True)
-    with open(cache + ".tmp", "wb") as f:  # a file object, so np.savez adds no .npz suffix to the temp name
-        np.savez(f, mu=mu, sigma=sigma, n=len(pool3))
-    os.replace(cache + ".tmp", cache)      # an interrupted run never leaves a broken cache
     return mu, sigma
 
 
@@ -513,27 +509,24 @@ def read_json(path):
     except (OSError, ValueError) as e:
         record = e
     if not isinstance(record, dict):
-        raise FIDError(f"{path} is not a JSON object ({record}); move it away or pass --json with another file.")
+        raise UsageError(f"{path} is not a JSON object ({record}); move it away or pass --json with another file.")
     return record
 
 
 def run(args):
-    if (args.n is not None and args.n < 10) or args.batch < 1:
-        raise FIDError("--n must be at least 10 (IS uses 10 splits) and --batch at least 1.")
-    try:
-        device = sample.pick_device(args.device)
-    except ValueError as e:
-        raise FIDError(str(e))
+    check_number(args.n, "--n", low=10, integer=True)  # IS averages over 10 splits
+    positive_ints(args, "batch")
+    check_number(args.cfg_scale, "--cfg-scale", low=0)
+    check_number(args.seed, "--seed", low=0, integer=True)
+    device = pick_device(args.device)
     json_path = args.json or (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "results.json")
                               if args.ckpt else None)
-    if json_path:
+    if json_path:  # a results file that cannot be merged or written stops the run now, not after the work
         read_json(json_path)
+        writable_file(json_path, "--json")
     # the inputs are read first, so a malformed one stops the run before any slow step
     if args.ckpt:
-        try:
-            model, _ = sample.load_model(args.ckpt, device)
-        except (FileNotFoundError, ValueError) as e:
-            raise FIDError(str(e))
+        model, _ = sample.load_model(args.ckpt, device)
         n, source = args.n or PUBLISHED_N, f"{args.ckpt} (EMA, CFG {args.cfg_scale}, seed {args.seed})"
     else:
         if args.npz:
@@ -544,7 +537,7 @@ def run(args):
             images, source = read_cifar(cifar_tarball(args.cifar), args.cifar_images), f"cifar10-{args.cifar_images}"
         n = args.n or len(images)
         if n > len(images):
-            raise FIDError(f"--n {n}, but {source} holds only {len(images)} images.")
+            raise UsageError(f"--n {n}, but {source} holds only {len(images)} images.")
     net = load_inception(args.inception, device)
     ref_mu, ref_sigma = reference_stats(args.ref, args.cifar, net, device, args.batch, progress=True)
     if args.ckpt:
@@ -560,9 +553,7 @@ def run(args):
     if json_path:
         record = read_json(json_path)
         record.update(result, fid_n=n, fid_ref=ref, **({"fid_cfg_scale": args.cfg_scale} if args.ckpt else {}))
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(json_path + ".tmp", json_path)
+        write_json(json_path, record)
         print(f"merged into {json_path}")
     return result
 
@@ -570,11 +561,8 @@ def run(args):
 def main(argv=None):
     """Parse and run; bad input ends in one paragraph on stderr and exit code 2. Returns the metrics dict."""
     args = get_parser().parse_args(argv)
-    try:
+    with exit_on_usage_error():
         return run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

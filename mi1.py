@@ -9,8 +9,8 @@ the student's own final layer, is pulled towards the teacher trajectory at time 
     python mi1.py --layers 2,4,6 --t 0.66,0.33,0        # Table 4, row (2, 4, 6)
     python mi1.py --d 6 --w 128 --layers 3,6 --t 0.5,0 --data PATH/EDM-Cond-CIFAR   # real pairs, LPIPS
 
-The targets come from the stored pair (z, x0) through the forward PF-ODE (DESIGN.md 5, which fixes the
-paper's printed time direction and sigma_min): eps = z - x0/80,
+The targets come from the stored pair (z, x0) through the forward PF-ODE (DESIGN.md section 6 says why the
+paper's printed time direction and sigma_min are changed): eps = z - x0/80,
 sigma(t) = (0.002^(1/7) + t (80^(1/7) - 0.002^(1/7)))^7, x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2),
 x(0) = x0. So t = 0 is the image and t = 1 the scaled noise 80 z / sqrt(1 + 80^2). All other flags are
 distill.py's; checkpoints are distill.py's format (sample.py and fid.py read them).
@@ -18,6 +18,7 @@ distill.py's; checkpoints are distill.py's format (sample.py and fid.py read the
 import torch.nn as nn
 
 import distill
+from common import UsageError
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7  # EDM's schedule (Karras et al. 2022)
 
@@ -30,7 +31,7 @@ def get_parser():
     g.add_argument("--t", dest="times", default="0.5,0", help="trajectory time per mapped layer, in [0,1] "
                    "(1: noise, 0: image); the last must be 0")
     # Table 4's student has 6 layers; the width is the toy default's (the paper does not give it)
-    p.set_defaults(method="mi1", depth=6, width=64)
+    p.set_defaults(method="mi1", default_design=(6, 64, 8))
     return p
 
 
@@ -55,22 +56,22 @@ def parse_mapping(args):
         layers = [int(v) for v in args.layers.split(",")]
         times = [float(v) for v in args.times.split(",")]
     except ValueError:
-        raise distill.UsageError(f"--layers {args.layers} --t {args.times}: expected comma-separated integers "
-                                 f"and numbers, e.g. --layers 3,6 --t 0.5,0.")
+        raise UsageError(f"--layers {args.layers} --t {args.times}: expected comma-separated integers "
+                         f"and numbers, e.g. --layers 3,6 --t 0.5,0.")
     if len(layers) != len(times):
-        raise distill.UsageError(f"--layers has {len(layers)} entries but --t has {len(times)}: give one time "
-                                 f"per mapped layer.")
+        raise UsageError(f"--layers has {len(layers)} entries but --t has {len(times)}: give one time "
+                         f"per mapped layer.")
     if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
-        raise distill.UsageError(f"--layers {args.layers}: layers must be increasing block numbers from 1.")
+        raise UsageError(f"--layers {args.layers}: layers must be increasing block numbers from 1.")
     if layers[-1] != args.depth:
-        raise distill.UsageError(f"--layers {args.layers}: the last mapped layer must be the final block "
-                                 f"{args.depth} of this {args.depth}-block student (it carries the plain "
-                                 f"target); use --d {layers[-1]} or end --layers with {args.depth}.")
+        raise UsageError(f"--layers {args.layers}: the last mapped layer must be the final block "
+                         f"{args.depth} of this {args.depth}-block student (it carries the plain "
+                         f"target); use --d {layers[-1]} or end --layers with {args.depth}.")
     if any(not 0 <= t <= 1 for t in times):
-        raise distill.UsageError(f"--t {args.times}: every time must lie in [0, 1] (1: noise, 0: image).")
+        raise UsageError(f"--t {args.times}: every time must lie in [0, 1] (1: noise, 0: image).")
     if times[-1] != 0:
-        raise distill.UsageError(f"--t {args.times}: the last time must be 0, the image target of the final "
-                                 f"layer.")
+        raise UsageError(f"--t {args.times}: the last time must be 0, the image target of the final "
+                         f"layer.")
     return list(zip(layers, times))
 
 

@@ -9,59 +9,29 @@ Noise comes from a seeded generator, labels are uniform (i % 10), so a command a
 """
 import argparse
 import os
-import platform
-import sys
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import dit
+from common import (UsageError, atomic_write, check_number, exit_on_usage_error, load_torch_file, pick_device,
+                    positive_ints, save_npz, writable_file)
 
 
-def pick_device(name=None):
-    """--device NAME checked against this machine, else the first available of cuda, mps, cpu.
-    Bad or unavailable names raise ValueError with the fix."""
-    if name:
-        if name.split(":")[0] not in ("cuda", "mps", "cpu"):
-            raise ValueError(f"--device {name} is not available here: expected cuda, cuda:N, mps or cpu.")
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}, but this machine has no CUDA device; use --device cpu.")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("--device mps, but MPS is not available here; use --device cpu.")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def hardware(device):
-    """The device in words: the GPU's name, or the CPU's model and torch's thread count."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
-
-
-def load_model(path, device="cpu", weights="ema"):
-    """A checkpoint's student -> (DiT in eval mode on device, config dict). Loads with weights_only=True."""
+def load_model(path, device="cpu", weights="ema", flag="--ckpt"):
+    """A checkpoint's student -> (DiT in eval mode on device, config dict). Loads with weights_only=True; a file
+    that is not a DiT-Nano checkpoint is a UsageError that names `flag`."""
+    what = "a DiT-Nano checkpoint (the ckpt.pt that distill.py, ta.py or mi1.py write)"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with distill.py (it writes OUT/ckpt.pt).")
+        raise UsageError(f"{flag}: no checkpoint at {path}; train one with distill.py (it writes OUT/ckpt.pt).")
+    state = load_torch_file(path, what, flag)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         cfg = state["config"]
         model = dit.DiT(cfg["depth"], cfg["width"], cfg["heads"])
         model.load_state_dict(state[weights])
-    except Exception as e:
-        raise ValueError(f"{path} is not a DiT-Nano checkpoint ({type(e).__name__}: {e}); expected the ckpt.pt "
-                         f"that distill.py, ta.py or mi1.py write.")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{flag} {path} is not {what} ({type(e).__name__}: {str(e)[:200]}).")
     return model.to(device).eval(), cfg
 
 
@@ -81,9 +51,18 @@ def generate(model, n, cfg_scale=1.5, seed=0, batch=500, device="cpu", progress=
     return torch.cat(images).numpy(), labels.numpy()
 
 
+def image_format(path, flag="--out"):
+    """The PIL format that writes `path` (by its extension), or a UsageError."""
+    ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{flag} {path}: cannot write images of type '{ext or '(none)'}'; end the name in .png.")
+    return fmt
+
+
 @torch.no_grad()
 def save_grid(model, path, cfg_scale=1.5, per_class=10, seed=0, device="cpu"):
-    """PNG grid: one row per class, per_class samples per row, from fixed noise."""
+    """PNG grid: one row per class, per_class samples per row, from fixed noise. Written atomically."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +70,8 @@ def save_grid(model, path, cfg_scale=1.5, per_class=10, seed=0, device="cpu"):
     y = torch.arange(dit.NUM_CLASSES).repeat_interleave(per_class).to(device)
     img = to_uint8(model.sample(z, y, cfg_scale).float()).numpy()  # [C*K,32,32,3]
     grid = img.reshape(dit.NUM_CLASSES, per_class, dit.IMG, dit.IMG, 3).transpose(0, 2, 1, 3, 4)
-    Image.fromarray(grid.reshape(dit.NUM_CLASSES * dit.IMG, per_class * dit.IMG, 3)).save(path)
+    grid = Image.fromarray(grid.reshape(dit.NUM_CLASSES * dit.IMG, per_class * dit.IMG, 3))
+    atomic_write(path, lambda tmp: grid.save(tmp, format=image_format(path)))
     model.train(was_training)
 
 
@@ -99,28 +79,30 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="checkpoint written by distill.py / ta.py / mi1.py")
-    p.add_argument("--out", default="grid.png", help="grid PNG path")
+    p.add_argument("--out", default="grid.png", help="grid image path (.png)")
     p.add_argument("--per-class", type=int, default=10, help="grid columns (samples per class)")
     p.add_argument("--npz", help="instead of a grid, write N images and labels to this .npz")
     p.add_argument("--n", type=int, default=50000, help="images in the .npz")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (paper 1.5)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (>= 0)")
     p.add_argument("--batch", type=int, default=500, help="images per forward pass")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (paper) or raw weights")
     p.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.per_class < 1 or args.batch < 1:
-        print("error: --n, --per-class and --batch must be positive integers.", file=sys.stderr)
-        sys.exit(2)
-    try:
+    with exit_on_usage_error():
+        positive_ints(args, "n", "per_class", "batch")
+        check_number(args.cfg_scale, "--cfg-scale", low=0)
+        check_number(args.seed, "--seed", low=0, integer=True)
+        if args.npz:
+            writable_file(args.npz, "--npz")
+        else:
+            image_format(args.out)
+            writable_file(args.out, "--out")
         args.device = pick_device(args.device)
         model, cfg = load_model(args.ckpt, args.device, args.weights)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if args.npz:
         images, labels = generate(model, args.n, args.cfg_scale, args.seed, args.batch, args.device, progress=True)
-        np.savez(args.npz, images=images, labels=labels)
+        save_npz(args.npz, images=images, labels=labels)
         print(f"wrote {args.npz}: images {images.shape} uint8, labels {labels.shape}, CFG {args.cfg_scale}")
     else:
         save_grid(model, args.out, args.cfg_scale, args.per_class, args.seed, args.device)

@@ -18,6 +18,15 @@ STEPS=${STEPS:-300} BATCH=${BATCH:-32} SEED=${SEED:-0} JOBS=${JOBS:-1} WITH_5M=$
 OUT=${OUT:-runs/study} RESULTS=${RESULTS:-results/toy} ONLY=${ONLY:-}
 BENCH_DEVICE=${BENCH_DEVICE:-cpu} BENCH_MODES=${BENCH_MODES:-lut} BENCH_N=${BENCH_N:-256} PYTHON=${PYTHON:-python}
 
+die() { echo "error: $*" >&2; exit 2; }  # bad settings: one message, exit code 2, before any work
+for var in STEPS BATCH JOBS BENCH_N; do
+  [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer (e.g. $var=300)."
+done
+[[ $SEED =~ ^[0-9]+$ ]] || die "SEED=$SEED must be an integer >= 0."
+[[ $WITH_5M == 0 || $WITH_5M == 1 ]] || die "WITH_5M=$WITH_5M must be 0 or 1 (1 adds Table 6's 5M designs)."
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not a program here; point it at the Python of the" \
+  "environment that has requirements.txt installed."
+
 # d w h loss [seed]. A design shared by several tables runs once ((6,128,4) is the centre of all of Fig. 3);
 # a seed other than SEED marks a repeat that measures the run-to-run spread.
 RUNS=(
@@ -30,6 +39,15 @@ RUNS=(
   "5 64 8 l2 1"  "5 64 8 l2 2"                                                      # spread: seeds 1, 2
 )
 [ "$WITH_5M" = 1 ] && RUNS+=("4 256 16 l2" "16 128 8 l2" "7 192 12 l2")            # Table 6, 5M
+run_name() { echo "d$1w$2h$3_$4${5:+_s$5}"; }                # d w h loss [seed] -> the run's folder name
+wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }  # NAME: is it in ONLY (or ONLY unset)?
+names=" "; for r in "${RUNS[@]}" "5 64 8 lpips"; do names+="$(run_name $r) "; done
+for name in $ONLY; do
+  [[ $names == *" $name "* ]] || die "ONLY names an unknown run '$name'; the runs are:$names"
+done
+for dir in "$OUT" "$RESULTS"; do
+  mkdir -p "$dir" 2>/dev/null && [ -w "$dir" ] || die "cannot write to the folder $dir; set OUT / RESULTS to a writable folder."
+done
 # Table 1's LPIPS row needs torchvision's VGG16 weights in the torch hub cache (README: LPIPS), never a download
 if "$PYTHON" -c "import sys, distill; sys.exit(distill.lpips_backbone_file('vgg', download=False) is None)"; then
   RUNS+=("5 64 8 lpips")
@@ -39,9 +57,9 @@ fi
 
 run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME unless it is finished
   local k d w h loss seed; read -r k d w h loss seed <<<"$1"; shift
-  local name="d${d}w${w}h${h}_${loss}${seed:+_s$seed}" resume=()
-  local out="$OUT/$name" tag="study: [$k/$TOTAL] $name"
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  local name; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
+  local out="$OUT/$name" tag="study: [$k/$TOTAL] $name" resume=()
+  wanted "$name" || return 0
   if [ -f "$out/results.json" ] && grep -q "\"step\": $STEPS," "$out/results.json"; then
     echo "$tag: finished, skipped"; return 0
   fi
@@ -57,7 +75,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
     echo "$tag: $(grep '^eval step' "$out/log.txt" | tail -1)"
   fi
 }
-export -f run_one
+export -f run_name wanted run_one
 TOTAL=${#RUNS[@]}
 export STEPS BATCH SEED JOBS OUT ONLY TOTAL PYTHON
 
@@ -69,8 +87,8 @@ echo "study: training done in $(( ($(date +%s) - start) / 60 )) min; timing ever
 
 designs=() results=()
 for r in "${RUNS[@]}"; do
-  read -r d w h loss seed <<<"$r"; name="d${d}w${w}h${h}_${loss}${seed:+_s$seed}"
-  [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
+  read -r d w h loss seed <<<"$r"; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
+  wanted "$name" || continue
   designs+=("$d,$w,$h") results+=("$OUT/$name/results.json")
 done
 mkdir -p "$RESULTS"

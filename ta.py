@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import distill
 import sample
+from common import UsageError, check_number
 
 
 def get_parser():
@@ -41,12 +42,14 @@ def get_parser():
 def check(args):
     """Flag checks that need no files; raise UsageError."""
     if not args.ta:
-        raise distill.UsageError("ta.py needs --ta CKPT, the TA's checkpoint: train it first with distill.py "
-                                 "(e.g. python distill.py --d 12 --w 384 --h 12 --out runs/ta).")
+        raise UsageError("ta.py needs --ta CKPT, the TA's checkpoint: train it first with distill.py "
+                         "(e.g. python distill.py --d 12 --w 384 --h 12 --out runs/ta).")
     weights = (args.teacher_weight, args.ta_weight, args.feature_weight)
-    if min(weights) < 0 or max(weights) == 0:
-        raise distill.UsageError(f"--teacher-weight/--ta-weight/--feature-weight are {weights}: they must be "
-                                 f">= 0 and not all 0.")
+    for value, flag in zip(weights, ("--teacher-weight", "--ta-weight", "--feature-weight")):
+        check_number(value, flag, low=0)
+    if max(weights) == 0:
+        raise UsageError(f"--teacher-weight/--ta-weight/--feature-weight are {weights}: they must be "
+                         f">= 0 and not all 0.")
 
 
 def parse_feature_layers(text, student_depth, ta_depth):
@@ -57,23 +60,20 @@ def parse_feature_layers(text, student_depth, ta_depth):
         pairs = [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
         assert all(len(pair) == 2 for pair in pairs)
     except (ValueError, AssertionError):
-        raise distill.UsageError(f"--feature-layers {text}: expected student:TA block pairs such as 4:11,2:4.")
+        raise UsageError(f"--feature-layers {text}: expected student:TA block pairs such as 4:11,2:4.")
     for s, t in pairs:
         if not (1 <= s <= student_depth and 1 <= t <= ta_depth):
-            raise distill.UsageError(f"--feature-layers pair {s}:{t} is outside the student's blocks "
-                                     f"1..{student_depth} or the TA's blocks 1..{ta_depth}.")
+            raise UsageError(f"--feature-layers pair {s}:{t} is outside the student's blocks "
+                             f"1..{student_depth} or the TA's blocks 1..{ta_depth}.")
     if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(pairs, pairs[1:])):
-        raise distill.UsageError(f"--feature-layers {text}: pairs must increase in both the student's and the "
-                                 f"TA's block (a {student_depth}-block student maps onto at most {ta_depth} "
-                                 f"TA blocks, one each).")
+        raise UsageError(f"--feature-layers {text}: pairs must increase in both the student's and the "
+                         f"TA's block (a {student_depth}-block student maps onto at most {ta_depth} "
+                         f"TA blocks, one each).")
     return pairs
 
 
 def load_ta(path, device):
-    try:
-        ta, cfg = sample.load_model(path, device, weights="ema")
-    except (FileNotFoundError, ValueError) as e:
-        raise distill.UsageError(f"--ta: {e}")
+    ta, cfg = sample.load_model(path, device, weights="ema", flag="--ta")
     return ta.requires_grad_(False), cfg
 
 

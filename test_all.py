@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +24,11 @@ import torch
 import torchvision
 from PIL import Image
 from pytorch_fid import inception as pytorch_fid_inception
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import common
 import data
 import dit
 import distill
@@ -89,13 +92,24 @@ def test_design_rules_give_papers_rows():
         dit.parse_params("five million")
 
 
-def test_flop_count_matches_torch_counter():
-    for d, w, h in [(5, 64, 8), (2, 96, 8)]:
-        model = dit.DiT(d, w, h)
-        with FlopCounterMode(display=False) as counter:
-            model(torch.randn(1, 3, 32, 32), torch.tensor([3]))
-        assert counter.get_total_flops() == dit.flops_per_image(d, w)
-    assert dit.flops_per_image(7, 192, cfg=True) == 2 * dit.flops_per_image(7, 192)
+def counted_flops(fn):
+    """FLOPs torch's FlopCounterMode sees in fn(), with attention forced onto SDPA's math backend: its two matmuls
+    are then plain bmm calls that every torch version counts (a fused CPU attention kernel is counted by some
+    versions and not by others, e.g. not by 2.14)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("d,w,h", [(5, 64, 8), (2, 96, 8)])
+@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
+def test_flop_count_matches_torch_counter(d, w, h, cfg_scale):
+    model, batch = bench.random_dit(d, w, h, seed=1), 3
+    z, y = torch.randn(batch, 3, 32, 32), torch.arange(batch)
+    cfg = cfg_scale != 1
+    assert counted_flops(lambda: model(z, y)) == batch * dit.flops_per_image(d, w)
+    assert counted_flops(lambda: model.sample(z, y, cfg_scale)) == batch * dit.flops_per_image(d, w, cfg)
+    assert dit.flops_per_image(d, w, cfg=True) == 2 * dit.flops_per_image(d, w)
 
 
 def test_forward_hidden_decode_and_cfg():
@@ -193,23 +207,23 @@ def test_get_layout_loads_lazily(tmp_path, conditional, image_dtype):
 
 
 def test_get_layout_errors(tmp_path):
-    with pytest.raises(data.DataError, match="is not a folder"):
+    with pytest.raises(common.UsageError, match="is not a folder"):
         data.load_pairs(str(tmp_path / "missing"))
     root = write_get_folder(tmp_path / "a")
     torch.save(torch.zeros(5, 3, 28, 28), root / "image" / "000000001.pkl")
-    with pytest.raises(data.DataError, match=r"image.*000000001.pkl: expected images as a tensor \[n,3,32,32\]"):
+    with pytest.raises(common.UsageError, match=r"image.*000000001.pkl: expected images as a tensor \[n,3,32,32\]"):
         data.load_pairs(str(root))
     root = write_get_folder(tmp_path / "b")
     torch.save(torch.zeros(5, 3, 32, 32, dtype=torch.int32), root / "latent" / "000000000.pkl")
-    with pytest.raises(data.DataError, match="noise z.*float32, got torch.int32"):
+    with pytest.raises(common.UsageError, match="noise z.*float32, got torch.int32"):
         data.load_pairs(str(root))
     root = write_get_folder(tmp_path / "c")
     (root / "image" / "000000000.pkl").write_bytes(b"not a torch file")
-    with pytest.raises(data.DataError, match="cannot read .*000000000.pkl"):
+    with pytest.raises(common.UsageError, match="cannot read .*000000000.pkl"):
         data.load_pairs(str(root))
     root = write_get_folder(tmp_path / "d")
     os.remove(root / "image" / "000000001.pkl")
-    with pytest.raises(data.DataError, match="000000001.pkl is missing"):
+    with pytest.raises(common.UsageError, match="000000001.pkl is missing"):
         data.load_pairs(str(root))
 
 
@@ -402,12 +416,19 @@ def test_mi1_every_mapped_layer_gets_gradient():
     assert model.final_layer.linear.weight.grad.abs().sum() > 0  # x_hat_l decodes through the final layer
 
 
+def test_mi1_takes_a_budget_like_every_script():
+    args = distill.resolve(mi1.get_parser().parse_args(["--params", "2.2M", "--layers", "3,7", "--t", "0.5,0"]))
+    assert (args.depth, args.width, args.heads) == (7, 128, 8) and mi1.parse_mapping(args) == [(3, 0.5), (7, 0.0)]
+    args = distill.resolve(mi1.get_parser().parse_args([]))
+    assert (args.depth, args.width, args.heads) == (6, 64, 8)  # Table 4's 6-block student by default
+
+
 @pytest.mark.parametrize("layers,times,phrase", [("3,5", "0.5,0", "final block"), ("4,2,6", "0.5,0.2,0", "increasing"),
                                                  ("3,6", "1.5,0", "in [0, 1]"), ("3,6", "0.5", "one time per"),
                                                  ("3,6", "0.5,0.1", "must be 0"), ("3,7", "0.5,0", "final block")])
 def test_mi1_bad_mappings(layers, times, phrase):
     args = mi1.get_parser().parse_args(["--layers", layers, "--t", times])
-    with pytest.raises(distill.UsageError, match=re.escape(phrase)):
+    with pytest.raises(common.UsageError, match=re.escape(phrase)):
         mi1.parse_mapping(distill.resolve(args))
 
 
@@ -548,18 +569,11 @@ def test_a_mode_that_differs_is_not_timed(bench_model, monkeypatch):
         bench.latency(bench_model, n=10, batch=10, mode="lut", device="cpu", repeats=1, warmup=0)
 
 
-@pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
-def test_flop_count_matches_pytorch_flop_counter(bench_model, cfg_scale):
-    batch = 3
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        bench_model.sample(torch.randn(batch, 3, 32, 32), torch.arange(batch), cfg_scale)
-    cfg = cfg_scale != 1
-    assert counter.get_total_flops() == batch * dit.flops_per_image(bench_model.depth, bench_model.width, cfg)
-    r = bench.latency(bench_model, n=3, batch=3, mode="fp32", cfg_scale=cfg_scale, device="cpu", repeats=1, warmup=0)
-    assert r["gflop_per_image"] * 1e9 == dit.flops_per_image(bench_model.depth, bench_model.width, cfg)
-
-
 def test_latency_reports_consistent_numbers(bench_model):
+    for cfg_scale in (1.5, 1.0):  # the FLOPs it reports are dit.flops_per_image's (checked against torch's counter)
+        r = bench.latency(bench_model, n=3, batch=3, mode="fp32", cfg_scale=cfg_scale, device="cpu", repeats=1,
+                          warmup=0)
+        assert r["gflop_per_image"] * 1e9 == dit.flops_per_image(bench_model.depth, bench_model.width, cfg_scale != 1)
     r = bench.latency((2, 32, 4), n=10, batch=4, mode="bf16+lut", cfg_scale=1.5, device="cpu", repeats=3, warmup=1)
     assert r["batches"] == 3 and r["design"] == [2, 32, 4] and r["params"] == dit.param_count(2, 32)
     assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
@@ -651,7 +665,7 @@ def test_compile_mode_defaults_and_graph_conflict():
         "max-autotune-no-cudagraphs"
     assert bench.pick_compile_mode(None, bench.parse_mode("compile", cuda), cuda) == "max-autotune"
     assert bench.pick_compile_mode(None, bench.parse_mode("compile", CPU), CPU) == "default"
-    with pytest.raises(bench.UsageError, match="makes its own CUDA graphs"):
+    with pytest.raises(common.UsageError, match="makes its own CUDA graphs"):
         bench.pick_compile_mode("reduce-overhead", bench.parse_mode("lut+compile+graph", cuda), cuda)
 
 
@@ -851,7 +865,7 @@ def test_fid_closed_forms():
 
 
 def test_fid_rejects_a_complex_square_root():
-    with pytest.raises(fid.FIDError, match="imaginary"):
+    with pytest.raises(common.UsageError, match="imaginary"):
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))  # sqrt(-1) on the diagonal
 
 
@@ -870,18 +884,18 @@ def test_missing_or_undownloadable_weights_say_where_to_get_them(tmp_path, monke
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
     ok, why = fid.inception_available()
     assert not ok and fid.WEIGHTS_URL in why and "--inception" in why
-    with pytest.raises(fid.FIDError, match="--inception") as e:
+    with pytest.raises(common.UsageError, match="--inception") as e:
         fid.load_inception(download=False)
     assert fid.WEIGHTS_URL in str(e.value)
 
     def offline(url, dst, hash_prefix=None, **kw):
         raise OSError("network is unreachable")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(fid.FIDError, match="network is unreachable") as e:
+    with pytest.raises(common.UsageError, match="network is unreachable") as e:
         fid.load_inception()
     assert fid.WEIGHTS_URL in str(e.value) and "--inception" in str(e.value)
     monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(fid.FIDError, match="--cifar") as e:
+    with pytest.raises(common.UsageError, match="--cifar") as e:
         fid.cifar_tarball()
     assert fid.CIFAR_URL in str(e.value)
 
@@ -973,7 +987,7 @@ def test_train_images_against_train_statistics_give_zero_and_are_cached(world, t
     assert abs(result["fid"]) < 1e-3, result
     assert 1 <= result["is_mean"] < 1008
     assert "not the official CIFAR-10 tarball" in err and "not comparable with published" in out
-    weights_id, tar_md5 = fid.file_digest(world["weights"])[:8], fid.file_digest(world["cifar"], "md5")[:8]
+    weights_id, tar_md5 = common.file_digest(world["weights"])[:8], common.file_digest(world["cifar"], "md5")[:8]
     files = os.listdir(world["cache"])
     assert files == [f"fid_ref_cifar10_train_inception-{weights_id}_tar-{tar_md5}.npz"], files  # no temp file left
     with np.load(os.path.join(world["cache"], files[0])) as f:
@@ -1073,3 +1087,221 @@ def test_distill_fid_every_records_fid_in_results(cache, world, tmp_path, capsys
     distill.main(train_args(cache, tmp_path / "none", "--steps", "1", "--fid-every", "1",
                             "--inception", str(tmp_path / "missing.pth")))
     assert "FID skipped: no FID Inception weights" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input, by class of error, for every script: one paragraph, exit code 2, no traceback, no file damaged
+
+SCRIPTS = {"dit": dit.main, "data": data.main, "distill": distill.main, "ta": ta.main, "mi1": mi1.main,
+           "sample": sample.main, "fid": fid.main, "bench": bench.main}
+
+
+def assert_refused(script, argv, phrase, capsys):
+    """SCRIPTS[script](argv) stops with exit code 2 and one error naming `phrase`, without a traceback: the last
+    line of stderr is 'error: ...' (argparse's: 'PROG: error: ...' after its usage), and no other line errs."""
+    with pytest.raises(SystemExit) as stop:
+        SCRIPTS[script](argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, (script, argv, err)
+    assert phrase in err and "Traceback" not in err, (script, argv, phrase, err)
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") or (lines[0].startswith("usage:") and ": error: " in lines[-1]), err
+    assert sum("error: " in line for line in lines) == 1, err
+
+
+OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused before any work
+    ("dit", ["--params", "inf"], "positive, finite"),
+    ("dit", ["--d", "5", "--w", "0"], "multiple of 4"),
+    ("dit", ["--d", "5", "--w", "64", "--h", "0"], "not divisible by heads 0"),
+    ("dit", ["--params", "5M", "--h", "8"], "not both"),
+    ("data", ["--toy-pairs", "0"], "--toy-pairs must be a positive integer"),
+    ("data", ["--toy-seed", "-1"], "--toy-seed must be an integer at least 0"),
+    ("data", ["--holdout", "0"], "--holdout must be a positive integer"),
+    ("distill", ["--lr", "-1"], "--lr must be a number greater than 0"),
+    ("distill", ["--lr", "nan"], "--lr must be a number greater than 0, got nan"),
+    ("distill", ["--weight-decay", "-0.1"], "--weight-decay must be a number at least 0"),
+    ("distill", ["--ema", "1.5"], "--ema must be a number at least 0 and at most 1"),
+    ("distill", ["--label-dropout", "-0.5"], "--label-dropout must be"),
+    ("distill", ["--epochs", "inf"], "--epochs must be"),
+    ("distill", ["--seed", "-3"], "--seed must be an integer at least 0"),
+    ("distill", ["--toy-per-class", "0"], "--toy-per-class must be a positive integer"),
+    ("distill", ["--lpips-size", "8"], "--lpips-size"),
+    ("distill", ["--cfg-scale", "nan"], "--cfg-scale must be"),
+    ("distill", ["--fid-n", "5"], "--fid-n must be an integer at least 10"),
+    ("distill", ["--eval-every", "-1"], "--eval-every must be a positive integer"),
+    ("distill", ["--device", "cuda:x"], "not available here"),
+    ("ta", ["--ta", "x.pt", "--ta-weight", "nan"], "--ta-weight must be"),
+    ("ta", ["--ta", "x.pt", "--teacher-weight", "-1"], "--teacher-weight must be"),
+    ("mi1", ["--t", "0.5,nan"], "in [0, 1]"),
+    ("mi1", ["--params", "5M"], "final block 7"),  # (7,192,12) with the default --layers 3,6
+    ("sample", ["--ckpt", "x.pt", "--n", "0", "--npz", "s.npz"], "--n must be a positive integer"),
+    ("sample", ["--ckpt", "x.pt", "--cfg-scale", "inf"], "--cfg-scale must be"),
+    ("sample", ["--ckpt", "x.pt", "--seed", "-1"], "--seed must be"),
+    ("fid", ["--npz", "x.npz", "--n", "5"], "--n must be an integer at least 10"),
+    ("fid", ["--npz", "x.npz", "--cfg-scale", "-1"], "--cfg-scale must be"),
+    ("bench", ["--cfg-scale", "nan"], "--cfg-scale must be"),
+    ("bench", ["--warmup", "-1"], "--warmup must be"),
+    ("bench", ["--seed", "-1"], "--seed must be"),
+    ("bench", ["--threads", "0"], "--threads must be a positive integer"),
+    ("bench", ["--opset", "5"], "invalid choice"),
+    ("bench", ["--compile-mode", "fastest"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("script,argv,phrase", OUT_OF_RANGE)
+def test_out_of_range_numbers_are_refused(script, argv, phrase, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative paths in argv land here; nothing may be written anyway
+    assert_refused(script, argv, phrase, capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def bad_copies(good, other, folder):
+    """Stand-ins for the wrong file a user may hand over, from a good file of the expected kind: missing, empty,
+    cut in half, random bytes, a folder of that name, and a good file of another kind -> {kind: path}, each
+    path FOLDER/KIND/<the good file's name>."""
+    raw = open(good, "rb").read()
+    contents = {"empty": b"", "truncated": raw[:len(raw) // 2], "garbage": bytes(range(256)) * 16,
+                "other kind": open(other, "rb").read()}
+    paths = {kind: str(folder / kind.replace(" ", "_") / os.path.basename(good))
+             for kind in ("missing", "folder", *contents)}
+    os.makedirs(paths["folder"])
+    for kind, blob in contents.items():
+        os.makedirs(os.path.dirname(paths[kind]))
+        with open(paths[kind], "wb") as f:
+            f.write(blob)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def good_files(world, ta_ckpt, tmp_path_factory):
+    """One good file of every kind a script reads, to spoil: checkpoint, .npz, weights, statistics, ..."""
+    d = tmp_path_factory.mktemp("good")
+    np.savez(d / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    (d / "results.json").write_text(json.dumps({"design": [1, 16, 2], "ema": {"psnr": 12.0}}))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "a.png")
+    alex = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({"features." + k: v for k, v in alex.items()}, d / "alexnet-owt-7be5be79.pth")
+    write_get_folder(d / "get")
+    return dict(ckpt=ta_ckpt, npz=world["npz"], inception=world["weights"], ref=str(d / "ref.npz"),
+                cifar=world["cifar"], png=str(d / "a.png"), results=str(d / "results.json"),
+                alex=str(d / "alexnet-owt-7be5be79.pth"), get_image=str(d / "get" / "image" / "000000000.pkl"))
+
+
+def file_targets(good, cache, out):
+    """Every flag that reads a file: (script, good file, other kind, argv for a file at PATH), or, for files
+    inside a folder (GET pairs, PNGs), argv for the folder that holds PATH."""
+    fidflags = ["--device", "cpu", "--batch", "5", "--json", str(out / "r.json")]
+    toy = toy_flags(cache) + TINY + ["--out", str(out / "run")]
+    return {
+        "sample --ckpt": ("sample", "ckpt", "npz", lambda p: ["--ckpt", p, "--out", str(out / "g.png")]),
+        "fid --ckpt": ("fid", "ckpt", "npz", lambda p: ["--ckpt", p, "--n", "10", *fidflags]),
+        "fid --npz": ("fid", "npz", "ckpt", lambda p: ["--npz", p, *fidflags]),
+        "fid --images": ("fid", "png", "ckpt", lambda p: ["--images", os.path.dirname(p), *fidflags]),
+        "fid --inception": ("fid", "inception", "npz", lambda p: ["--npz", good["npz"], "--inception", p, *fidflags]),
+        "fid --ref": ("fid", "ref", "ckpt", lambda p: ["--npz", good["npz"], "--inception", good["inception"],
+                                                        "--ref", p, *fidflags]),
+        "fid --cifar": ("fid", "cifar", "ckpt", lambda p: ["--npz", good["npz"], "--inception", good["inception"],
+                                                            "--cifar", p, *fidflags]),
+        "bench --ckpt": ("bench", "ckpt", "npz", lambda p: ["--ckpt", p, *FAST]),
+        "bench --results": ("bench", "results", "ckpt", lambda p: ["--sweep", "--results", p, "--designs", "1,16,2",
+                                                                    "--modes", "lut", *FAST]),
+        "ta --ta": ("ta", "ckpt", "npz", lambda p: toy + ["--ta", p]),
+        "distill --lpips-backbone": ("distill", "alex", "npz", lambda p: toy + ["--loss", "lpips", "--lpips-net",
+                                                                              "alex", "--lpips-backbone", p]),
+        "data --data": ("data", "get_image", "npz", lambda p: ["--data", os.path.dirname(os.path.dirname(p)),
+                                                               "--holdout", "2"]),
+    }
+
+
+@pytest.mark.parametrize("target", ["sample --ckpt", "fid --ckpt", "fid --npz", "fid --images", "fid --inception",
+                                    "fid --ref", "fid --cifar", "bench --ckpt", "bench --results", "ta --ta",
+                                    "distill --lpips-backbone", "data --data", "distill --resume"])
+def test_unreadable_input_files_are_refused(target, good_files, cache, tmp_path, monkeypatch, capsys):
+    """Missing, empty, truncated, random, a folder, or another kind of file: each named in one message, exit
+    code 2, and left exactly as it was."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # an empty hub cache, and no download may start
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    if target == "distill --resume":  # the file is OUT/ckpt.pt of the run being resumed
+        script, kind, other = "distill", "ckpt", "npz"
+        argv = lambda p: toy_flags(cache) + TINY + ["--out", os.path.dirname(p), "--resume"]
+    else:
+        script, kind, other, argv = file_targets(good_files, cache, tmp_path / "out")[target]
+    for bad, path in bad_copies(good_files[kind], good_files[other], tmp_path / kind).items():
+        if bad == "missing" and target in ("fid --images", "data --data"):
+            continue  # a file missing from a folder is another file's absence, tested with the folder itself
+        if target in ("fid --images", "data --data"):  # the bad file sits among good ones
+            folder = os.path.dirname(path)
+            if target == "data --data":
+                shutil.copytree(os.path.dirname(os.path.dirname(good_files["get_image"])), folder + "_get")
+                os.remove(os.path.join(folder + "_get", "image", "000000000.pkl"))
+                shutil.move(path, os.path.join(folder + "_get", "image", "000000000.pkl"))
+                path = os.path.join(folder + "_get", "image", "000000000.pkl")
+            else:
+                shutil.copy(good_files["png"], os.path.join(folder, "b.png"))
+        before = open(path, "rb").read() if os.path.isfile(path) else None
+        assert_refused(script, argv(path), os.path.basename(path), capsys)
+        assert (open(path, "rb").read() if os.path.isfile(path) else None) == before, (target, bad)
+    assert not os.path.exists(tmp_path / "out" / "run" / "ckpt.pt")  # no run started
+
+
+def test_unwritable_outputs_are_refused_before_any_work(cache, good_files, tmp_path, monkeypatch, capsys):
+    """An output under a regular file (unwritable for root too), a file where a folder belongs, a folder
+    where a file belongs, or an image type nobody writes: refused at the start, nothing created."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep me")
+    under = str(blocker / "sub")
+    monkeypatch.setattr(data, "CACHE_DIR", under + "/cache")
+    toy = toy_flags(cache) + TINY
+    cases = [
+        ("distill", toy + ["--out", under], "--out"),
+        ("distill", toy + ["--out", str(blocker)], "is a file, not a folder"),
+        ("data", ["--toy-pairs", "64", "--toy-per-class", "2", "--holdout", "8", "--toy-seed", "5"], "cache folder"),
+        ("sample", ["--ckpt", good_files["ckpt"], "--out", under + "/g.png"], "--out"),
+        ("sample", ["--ckpt", good_files["ckpt"], "--out", str(tmp_path / "g.xyz")], "cannot write images of type"),
+        ("sample", ["--ckpt", good_files["ckpt"], "--npz", under + "/s.npz"], "--npz"),
+        ("sample", ["--ckpt", good_files["ckpt"], "--npz", str(tmp_path)], "is a folder"),
+        ("fid", ["--npz", good_files["npz"], "--json", under + "/r.json"], "--json"),
+        ("bench", FAST + ["--d", "1", "--w", "16", "--json", under + "/b.json"], "--json"),
+        ("bench", FAST + ["--d", "1", "--w", "16", "--onnx", under + "/m.onnx"], "--onnx"),
+        ("bench", FAST + ["--sweep", "--modes", "lut", "--sweep-out", under + "/s.md"], "--sweep-out"),
+        ("bench", FAST + ["--sweep", "--modes", "lut", "--plot", str(tmp_path / "p.txt")], "--plot"),
+        ("bench", FAST + ["--sweep", "--modes", "lut", "--results", good_files["results"], "--runs-out",
+                          str(blocker)], "--runs-out"),
+    ]
+    for script, argv, phrase in cases:
+        assert_refused(script, argv, phrase, capsys)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"] and blocker.read_text() == "keep me"
+
+
+def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text('{"step": 1}')
+
+    def half_then_stop(tmp):
+        with open(tmp, "w") as f:
+            f.write('{"step": 2, "e')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write(str(path), half_then_stop)
+    assert path.read_text() == '{"step": 1}' and os.listdir(tmp_path) == ["results.json"]
+    common.write_json(str(path), {"step": 2})
+    assert json.loads(path.read_text()) == {"step": 2} and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_study_sh_refuses_bad_settings(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    for setting, phrase in [("STEPS=0", "STEPS=0 must be a positive integer"), ("BATCH=abc", "BATCH=abc"),
+                            ("JOBS=-2", "JOBS=-2"), ("BENCH_N=1e3", "BENCH_N=1e3"), ("SEED=x", "SEED=x"),
+                            ("WITH_5M=2", "WITH_5M=2 must be 0 or 1"), ("PYTHON=/no/python", "PYTHON=/no/python"),
+                            ("ONLY=d5w64h8_l3", "unknown run 'd5w64h8_l3'"),
+                            (f"OUT={blocker}/runs", "cannot write to the folder")]:
+        key, value = setting.split("=", 1)
+        env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))
+        r = subprocess.run(["bash", "study.sh"], cwd=HERE, capture_output=True, text=True, timeout=300,
+                           env=dict(env, **{key: value}))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, (setting, r.stderr)
+        assert "config:" not in r.stdout  # no run started
+    assert not os.path.exists(tmp_path / "runs")

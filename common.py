@@ -1,0 +1,207 @@
+"""
+Plumbing every script shares, and nothing about diffusion: the one error type for bad input and its exit
+path, checks that an output can be written before slow work starts, atomic writes, reading files a user
+hands us, checked downloads, the device and its name in words.
+
+    from common import UsageError, exit_on_usage_error
+    with exit_on_usage_error():      # a UsageError -> "error: <message>" on stderr, exit code 2, no traceback
+        ...
+    writable_file("out/grid.png", "--out")           # UsageError now, not a traceback after an hour of work
+    write_json("out/results.json", record)           # temp file + rename (atomic_write)
+"""
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+
+class UsageError(ValueError):
+    """Bad input a user can fix (a flag, a file, a folder): the message names the problem and the fix.
+    Scripts print it as one paragraph and exit with code 2; a ValueError for code that calls the library."""
+
+
+def fail(message):
+    """The exit path for bad input: one paragraph on stderr (a message quoting a library's multi-line error
+    is joined into one line), exit code 2."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def exit_on_usage_error():
+    """The one exit path for bad input: a UsageError inside ends the program with its message and code 2."""
+    try:
+        yield
+    except UsageError as e:
+        fail(e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking what the user typed
+
+def check_number(value, flag, low=None, high=None, low_open=False, integer=False):
+    """A flag's value must be finite and within [low, high] (or (low, high] with low_open); None passes."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if math.isfinite(value) and not too_low and (high is None or value <= high):
+        return
+    if integer and low == 1 and high is None:
+        raise UsageError(f"{flag} must be a positive integer, got {value:g}.")
+    bounds = [f"{'greater than' if low_open else 'at least'} {low:g}"] if low is not None else []
+    bounds += [f"at most {high:g}"] if high is not None else []
+    raise UsageError(f"{flag} must be {'an integer' if integer else 'a number'} {' and '.join(bounds)}, "
+                     f"got {value:g}.")
+
+
+def positive_ints(args, *flags):
+    """Each named integer flag of args (attribute names) must be >= 1 when given."""
+    for name in flags:
+        check_number(getattr(args, name), "--" + name.replace("_", "-"), low=1, integer=True)
+
+
+def writable_dir(path, flag):
+    """Make sure folder `path` exists (creating it) and can hold new files; UsageError otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file, not a folder: choose a folder path.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write files there ({e.strerror or e}); choose another path.")
+
+
+def writable_file(path, flag):
+    """Make sure file `path` can be written (its folder is made if needed) before any slow work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: give a file path.")
+    writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+
+
+def atomic_write(path, write):
+    """write(temp_path), then rename it over `path`: a reader, or a crash, never sees half a file, and the old
+    file stays whole until the new one is complete."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, record):
+    """A JSON file, written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+    atomic_write(path, write)
+
+
+def save_npz(path, **arrays):
+    """np.savez to exactly `path` (through a file object, so no .npz is appended), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def load_torch_file(path, what, flag, **kwargs):
+    """torch.load(weights_only=True) of a file the user names; a missing, truncated or foreign file is a
+    UsageError saying it is not `what`. Never unpickles arbitrary objects."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file (expected {what}).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as e:  # truncated, not a torch file, a pickle of objects, a legacy format, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"{flag} {path} is not {what}: it cannot be read ({type(e).__name__}: {first[:200]}). "
+                         f"Check the path, or write the file again.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads: one checked path for every file fetched (LPIPS trunks, the FID Inception, CIFAR-10)
+
+def file_digest(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_file(url, path, sha256_prefix=None, md5=None):
+    """url -> path via a temp file, checked by sha256 prefix (as torch hub does) or md5, with a 60 s socket
+    timeout so that an offline machine fails in a minute, not never. Any failure raises OSError and leaves
+    no file at path; callers turn it into a message that names the file, the URL and the offline flag."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url} -> {path}", file=sys.stderr)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)
+    try:
+        def fetch(tmp):
+            torch.hub.download_url_to_file(url, tmp, hash_prefix=sha256_prefix)
+            if md5 and file_digest(tmp, "md5") != md5:
+                raise OSError(f"md5 is not {md5}")
+        atomic_write(path, fetch)
+    except Exception as e:
+        raise OSError(f"{type(e).__name__}: {e}") from e
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device
+
+def pick_device(name=None):
+    """--device NAME checked against this machine, else the first available of cuda, mps, cpu."""
+    if name:
+        kind, _, index = str(name).partition(":")
+        if kind not in ("cuda", "mps", "cpu") or (index and (kind != "cuda" or not index.isdigit())):
+            raise UsageError(f"--device {name} is not available here: expected cuda, cuda:N, mps or cpu.")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}, but this machine has no CUDA device; use --device cpu.")
+        if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}, but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0.")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            raise UsageError("--device mps, but MPS is not available here; use --device cpu.")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def hardware(device):
+    """The device in words: the GPU's name, or the CPU's model and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
+
+
+def compile_problem(device):
+    """Why torch.compile cannot run here, or None: it needs Triton on CUDA and a C++ compiler on a CPU."""
+    kind = torch.device(device).type
+    if kind == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs Triton, which this install lacks (Jetson wheels often do)"
+    if kind == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        return "torch.compile on a CPU needs a C++ compiler (g++ or clang++), and none is on PATH"
+    return None
