@@ -632,8 +632,9 @@ def check_args(args, device):
     modes = [parse_mode(m, device) for m in modes]  # every mode checked before anything is timed
     for mode in modes:
         if mode.compile:
-            if compile_problem(device):
-                raise UsageError(f"mode {mode.name}: {compile_problem(device)}; choose modes without +compile.")
+            problem = compile_problem(device)
+            if problem:
+                raise UsageError(f"mode {mode.name}: {problem}; choose modes without +compile.")
             pick_compile_mode(args.compile_mode, mode, device)
     return [mode.name for mode in modes]
 

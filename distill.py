@@ -305,8 +305,9 @@ def train(args, make_extra=None):
         raise UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume.")
     state = load_checkpoint(ckpt_path) if args.resume else None
     writable_dir(args.out, "--out")  # now, not when the first checkpoint is due
-    if args.compile and compile_problem(device):
-        raise UsageError(f"--compile: {compile_problem(device)}; train without --compile.")
+    problem = args.compile and compile_problem(device)
+    if problem:
+        raise UsageError(f"--compile: {problem}; train without --compile.")
 
     toy = data.toy_options(args)
     if master or args.data != "toy":
