@@ -47,8 +47,8 @@ def get_parser():
     g = p.add_argument_group("timing")
     g.add_argument("--n", type=int, help="images per repeat (default 50,000; a CPU --sweep: 256, extrapolated)")
     g.add_argument("--batch", type=int, default=128, help="images per batch (paper 128; CFG runs 2x in one pass)")
-    g.add_argument("--cfg-scale", type=float, nargs="+", default=[1.5, 1.0],
-                   help="CFG scales to time: 1.5 (paper, fused 2B batch) and 1 (one pass)")
+    g.add_argument("--cfg-scale", type=float, nargs="+", help="CFG scales to time (default: 1.5, the paper's, as "
+                   "one fused 2B batch, and 1, one pass; only 1 for a --ckpt trained on unconditional pairs)")
     g.add_argument("--modes", help="comma-separated modes, e.g. fp32,bf16+lut,bf16-weights+lut+compile+graph "
                    "(default: a set per device; --sweep: the device's fastest)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (default: max-autotune on "
@@ -300,7 +300,7 @@ def pick_compile_mode(compile_mode, mode, device):
     return compile_mode
 
 
-def build(model, mode, cfg_scale, batch, device, compile_mode=None):
+def build(model, mode, cfg_scale, batch, device, compile_mode=None, conditional=True):
     """The mode's generator around static input buffers -> (run() -> images [batch,3,32,32] float32,
     noise buffer z [batch,3,32,32], labels y [batch]). run() reads z and y; CUDA graphs replay in place."""
     precision = PRECISIONS[mode.precision]
@@ -312,7 +312,7 @@ def build(model, mode, cfg_scale, batch, device, compile_mode=None):
         torch._dynamo.reset()  # a fresh cache: many builds in one run must not hit the recompile limit
         fn = torch.compile(fn, mode=pick_compile_mode(compile_mode, mode, device), fullgraph=True, dynamic=False)
     z = torch.zeros(batch, dit.CHANNELS, dit.IMG, dit.IMG, device=device)
-    y = (torch.arange(batch) % dit.NUM_CLASSES).to(device)  # uniform labels; speed does not depend on them
+    y = sample.labels_for(batch, conditional).to(device)  # speed does not depend on the labels
     if not mode.graph:
         return (lambda: fn(z, y)), z, y
     # CUDA graph (torch.cuda.graph's recipe): warm up on a side stream (this also compiles), then capture one
@@ -334,11 +334,12 @@ def build(model, mode, cfg_scale, batch, device, compile_mode=None):
 
 
 def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, device=None, repeats=5, warmup=3,
-            compile_mode=None, seed=0):
+            compile_mode=None, seed=0, conditional=True):
     """Generate n images (ceil(n/batch) full batches) `repeats` times in a mode; returns a dict of the
     measurements. model_or_dhw: a dit.DiT (e.g. sample.load_model's) or (depth, width, heads) for random
-    weights. The mode's images on one batch are first compared with the plain fp32 model's (AccuracyError
-    beyond its tolerance). Leaves the model's weights unchanged (it is moved to the device)."""
+    weights; conditional=False samples the null class (a model trained on unconditional pairs). The mode's
+    images on one batch are first compared with the plain fp32 model's (AccuracyError beyond its tolerance).
+    Leaves the model's weights unchanged (it is moved to the device)."""
     device = pick_device(str(device) if device else None)
     mode = parse_mode(mode, device) if isinstance(mode, str) else mode
     if n < 1 or batch < 1 or repeats < 1 or warmup < 0:
@@ -353,10 +354,10 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
     with torch.inference_mode():
         t0 = time.perf_counter()
         with tf32(False):  # the reference: the plain model in strict fp32
-            reference = model.sample(check_z.to(device), (torch.arange(batch) % dit.NUM_CLASSES).to(device),
+            reference = model.sample(check_z.to(device), sample.labels_for(batch, conditional).to(device),
                                      cfg_scale).float()
         with tf32(precision.tf32):
-            run, z, y = build(model, mode, cfg_scale, batch, device, compile_mode)
+            run, z, y = build(model, mode, cfg_scale, batch, device, compile_mode, conditional)
             z.copy_(check_z)
             max_err = (run() - reference).abs().max().item()
             scale = reference.abs().max().item()
@@ -395,14 +396,14 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
 # ----------------------------------------------------------------------------------------------
 # Jetson: ONNX -> TensorRT
 
-def export_onnx(model, path, batch=128, cfg_scale=1.5, opset=18):
+def export_onnx(model, path, batch=128, cfg_scale=1.5, opset=18, conditional=True):
     """The LUT-folded generator with CFG inside, static batch -> ONNX file. Inputs noise float32
     [B,3,32,32] and labels int32 [B] (TensorRT 8 has no int64 inputs); output images float32.
     Returns max|onnxruntime - fp32 torch| on one batch, or None when onnxruntime is not installed."""
     model = model.eval()
     device = model.pos_embed.device
     z = torch.randn(batch, dit.CHANNELS, dit.IMG, dit.IMG, generator=torch.Generator().manual_seed(0)).to(device)
-    y = (torch.arange(batch) % dit.NUM_CLASSES).to(device, torch.int32)
+    y = sample.labels_for(batch, conditional).to(device, torch.int32)
     # torch >= 2.9 exports with torch.export (opset >= 18); its down-conversion to 17 breaks Split, so opset 17
     # (TensorRT 8.x) takes the TorchScript exporter, which older torch uses anyway
     legacy = {"dynamo": False} if opset < 18 and "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
@@ -556,10 +557,11 @@ def sweep(args, device, modes):
     chosen = [parse_design(text) for text in args.designs] if args.designs else list(paper)
     chosen += [d for d in sorted(run_designs) if d not in chosen]  # the runs' own designs, timed too
     designs = [paper.get(d, PaperRow("run" if d in run_designs else "", "", *d, None, None)) for d in chosen]
+    cfg_scale = (args.cfg_scale or [sample.PAPER_CFG])[0]  # random weights: class-conditional, the paper's CFG
     rows = []
     for design in designs:
         for mode in modes:
-            r = latency((design.depth, design.width, design.heads), args.n, args.batch, mode, args.cfg_scale[0],
+            r = latency((design.depth, design.width, design.heads), args.n, args.batch, mode, cfg_scale,
                         device, args.repeats, args.warmup, args.compile_mode, args.seed)
             rows.append(dict(r, name=f"{design.budget} {design.name}".strip(), jetson_s=design.jetson_s,
                              paper_fid=design.fid))
@@ -570,7 +572,7 @@ def sweep(args, device, modes):
     table = sweep_table(rows, quality_label, quality, args.n, bool(records))
     with open(args.sweep_out, "w") as f:
         f.write(f"{rows[0]['hardware']}, torch {torch.__version__}; {args.n:,} images per design at batch "
-                f"{args.batch}, CFG {args.cfg_scale[0]}, median of {args.repeats}; "
+                f"{args.batch}, CFG {cfg_scale:g}, median of {args.repeats}; "
                 f"s per 50k = 50,000 / measured img/s{' (~: extrapolated)' if args.n != PER_50K else ''}.\n\n"
                 f"{table}\n")
     plot_tradeoff([r for r in rows if r["mode"] == modes[0]], quality_label, quality, args.plot)  # one mode
@@ -593,14 +595,20 @@ def parse_design(text):
 
 
 def resolve_model(args, device):
-    """--ckpt, --params or --d/--w/--h (default: the 5M design) -> (DiT on device, description)."""
+    """--ckpt, --params or --d/--w/--h (default: the 5M design) -> (DiT on device, description, whether it is
+    class-conditional, the CFG scales to time)."""
+    config, source = {}, "random weights"
     if args.ckpt:
         if (args.params, args.depth, args.width, args.heads) != (None, None, None, None):
             raise UsageError("give one of --ckpt, --params or --d/--w/--h.")
-        model, _ = sample.load_model(args.ckpt, device)
-        return model, f"{args.ckpt} (EMA weights)"
-    design = dit.resolve_design(args, default=dit.design("5M"))
-    return random_dit(*design, seed=args.seed).to(device), "random weights"
+        model, config = sample.load_model(args.ckpt, device)
+        source = f"{args.ckpt} (EMA weights)"
+    else:
+        model = random_dit(*dit.resolve_design(args, default=dit.design("5M")), seed=args.seed).to(device)
+    conditional = sample.guidance(config)[0]
+    scales = [sample.guidance(config, s)[1] for s in args.cfg_scale] if args.cfg_scale else \
+        [sample.PAPER_CFG, 1.0] if conditional else [1.0]
+    return model, source + ("" if conditional else ", trained on unconditional pairs"), conditional, scales
 
 
 def check_args(args, device):
@@ -608,7 +616,7 @@ def check_args(args, device):
     positive_ints(args, "n", "batch", "repeats", "threads")
     check_number(args.warmup, "--warmup", low=0, integer=True)
     check_number(args.seed, "--seed", low=0, integer=True)
-    for scale in args.cfg_scale:
+    for scale in args.cfg_scale or []:
         check_number(scale, "--cfg-scale", low=0)
     if args.runs_out and not (args.sweep and args.results):
         raise UsageError("--runs-out writes the --results runs with their latency: use it with --sweep --results.")
@@ -642,13 +650,13 @@ def check_args(args, device):
 def benchmark(args, device, modes):
     """One design (--ckpt, --params or --d/--w/--h): every CFG scale in every mode, as a Markdown table;
     or, with --onnx, the export and the trtexec command instead."""
-    model, source = resolve_model(args, device)
+    model, source, conditional, scales = resolve_model(args, device)
     d, w, h = model.depth, model.width, model.heads
     print(f"DiT(d={d}, w={w}, h={h}), {source}: {dit.param_count(d, w):,} parameters, "
           f"{dit.flops_per_image(d, w) / 1e9:.3f} GFLOP/image per pass (x2 with CFG)")
     if args.onnx:
-        err = export_onnx(model, args.onnx, args.batch, args.cfg_scale[0], args.opset)
-        print(f"wrote {args.onnx}: batch {args.batch}, CFG {args.cfg_scale[0]} inside, adaLN folded; "
+        err = export_onnx(model, args.onnx, args.batch, scales[0], args.opset, conditional)
+        print(f"wrote {args.onnx}: batch {args.batch}, CFG {scales[0]:g} inside, adaLN folded; "
               + ("onnxruntime not installed: not checked" if err is None
                  else f"onnxruntime vs torch fp32: max error {err:.2e}"))
         print(f"time it with TensorRT (images/s = Throughput qps x {args.batch}; s per 50k = 50000 / images/s):"
@@ -660,10 +668,10 @@ def benchmark(args, device, modes):
     print(f"\n| mode | CFG | s per {args.n:,} (min-max) | img/s | ms/batch | TFLOP/s | of matmul rate | "
           f"peak MiB | setup s | max err |\n|" + " --- |" * 10)
     measured = []
-    for cfg_scale in args.cfg_scale:
+    for cfg_scale in scales:
         for mode in modes:
             r = latency(model, args.n, args.batch, mode, cfg_scale, device, args.repeats, args.warmup,
-                        args.compile_mode, args.seed)
+                        args.compile_mode, args.seed, conditional)
             measured.append(r)
             print(f"| {r['mode']} | {cfg_scale:g} | {r['seconds']:.3f} ({r['seconds_min']:.3f}-"
                   f"{r['seconds_max']:.3f}) | {r['images_per_s']:,.0f} | {r['ms_per_batch']:.2f} | "

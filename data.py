@@ -35,6 +35,7 @@ SIGMA_MIN, SIGMA_MAX, RHO, STEPS = 0.002, 80.0, 7.0, 18  # EDM's sampler for CIF
 
 class Pairs:
     """In-memory pairs: z [N,3,32,32] unit noise, y [N] int64 labels (10 = none), x [N,3,32,32] images."""
+    conditional = True  # the toy teacher is class-conditional; GETPairs says per folder
 
     def __init__(self, z, y, x):
         self.z, self.y, self.x = z, y, x

@@ -61,7 +61,8 @@ def get_parser():
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     g.add_argument("--log-every", type=int, help="steps between log lines (real: 100; toy: 50)")
     g.add_argument("--eval-every", type=int, help="steps between held-out eval, grid, checkpoint (real: 1 epoch)")
-    g.add_argument("--cfg-scale", type=float, default=1.5, help="CFG scale of the sample grid (paper 1.5)")
+    g.add_argument("--cfg-scale", type=float, help="guidance scale of the sample grid and FID (paper 1.5; 1 for "
+                   "unconditional pairs, whose model is sampled with the null class)")
     g.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 autocast (CUDA, CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -321,6 +322,9 @@ def train(args, make_extra=None):
     lpips_eval = getattr(loss_fn, "net", None) or build_lpips(args.lpips_net, device, args.lpips_backbone
                                                               if args.lpips_backbone != "random" else None,
                                                               download=False)
+    # unconditional pairs train the null class only: such a model is sampled with it, without guidance
+    args.conditional = bool(getattr(train_set, "conditional", True))
+    _, args.cfg_scale = sample.guidance(vars(args), args.cfg_scale)
     steps_per_epoch = len(train_set) // args.batch
     if steps_per_epoch == 0:
         raise UsageError(f"--batch {args.batch} is larger than the {len(train_set)} training pairs.")
@@ -386,18 +390,21 @@ def train(args, make_extra=None):
         metrics = evaluate(ema, held, device, lpips_eval)
         if with_fid:
             metrics.update(fid.fid_of_model(ema, *fid_setup, n=args.fid_n, cfg_scale=args.cfg_scale,
-                                            device=device, progress=sys.stderr.isatty()))
+                                            device=device, progress=sys.stderr.isatty(),
+                                            conditional=args.conditional))
         record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": config["param_count"],
                   "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
-                  "data": args.data, **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": args.fid_ref,
-                                         "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
+                  "data": args.data, "conditional": args.conditional,
+                  **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
+                      "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
                   "batch": args.batch, "lr": args.lr, "seed": args.seed, **({"toy_seed": args.toy_seed} if toy else {}),
                   "wall_s": round(time.time() - t_start + wall_before, 1),
                   "hardware": f"{hardware(device)}, {world} process(es)"}
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         write_json(os.path.join(args.out, "results.json"), record)
-        sample.save_grid(ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device)
+        sample.save_grid(ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device,
+                         conditional=args.conditional)
         log(f"eval step {step} | ema {fmt_metrics(metrics)} | class-mean psnr {baseline['psnr']:.2f} dB")
 
     local_batch = args.batch // world

@@ -69,12 +69,14 @@ def get_parser():
     src.add_argument("--npz", help=".npz of uint8 images [N,H,W,3] or [N,3,H,W] (key 'images', as sample.py --npz)")
     src.add_argument("--images", help="folder of .png images (any size; all the same size)")
     src.add_argument("--cifar-images", choices=["train", "test"], help="CIFAR-10 itself (sanity check vs --ref)")
-    p.add_argument("--ref", default="train", help="reference: 'train' (50k, EDM's), 'test' (10k, GET's), or an .npz "
-                   "with mu [2048] and sigma [2048,2048] (EDM's cifar10-32x32.npz, pytorch-gan-metrics' files)")
+    p.add_argument("--ref", "--fid-ref", dest="ref", default="train", help="reference: 'train' (50k, EDM's), "
+                   "'test' (10k, GET's), or an .npz with mu [2048] and sigma [2048,2048] (EDM's cifar10-32x32.npz, "
+                   "pytorch-gan-metrics' files); the paper does not say which it used")
     p.add_argument("--cifar", help="CIFAR-10 python tarball cifar-10-python.tar.gz (default: data/ cache, downloaded)")
     p.add_argument("--inception", help=f"FID Inception weights {WEIGHTS_NAME} (default: torch hub cache, downloaded)")
     p.add_argument("--n", type=int, help=f"images: generated from --ckpt (default {PUBLISHED_N}), else the first N")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (paper 1.5)")
+    p.add_argument("--cfg-scale", type=float, help="--ckpt: guidance scale (default: the paper's 1.5; 1 for a model "
+                   "trained on unconditional pairs, which is sampled with the null class)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the generated images")
     p.add_argument("--batch", type=int, default=200, help="images per generator / Inception forward pass")
     p.add_argument("--json", help="merge the numbers into this JSON file (default with --ckpt: results.json beside it)")
@@ -376,10 +378,10 @@ def metrics(net, images, ref_mu, ref_sigma, batch=200, device="cpu", progress=Fa
 
 
 def fid_of_model(model, net, ref_mu, ref_sigma, n=PUBLISHED_N, cfg_scale=1.5, seed=0, batch=200, device="cpu",
-                 progress=False):
+                 progress=False, conditional=True):
     """A DiT (pass the EMA copy) -> {"fid", "is_mean", "is_std"} of n images from one seeded generator, labels
-    i % 10 (sample.generate)."""
-    images, _ = sample.generate(model, n, cfg_scale, seed, batch, device, progress)
+    i % 10, or the null class for an unconditional model (sample.generate)."""
+    images, _ = sample.generate(model, n, cfg_scale, seed, batch, device, progress, conditional)
     return metrics(net, images, ref_mu, ref_sigma, batch, device, progress)
 
 
@@ -458,6 +460,11 @@ def read_cifar(tar_path, split):
     return torch.from_numpy(np.concatenate(arrays))
 
 
+def reference_name(which):
+    """How results record a reference: 'cifar10-train', 'cifar10-test', or the statistics file's path."""
+    return f"cifar10-{which}" if which in CIFAR_FILES else which
+
+
 def read_stats(path):
     """An .npz with mu [2048] and sigma [2048,2048] (EDM's, pytorch-gan-metrics', TTUR's, ours) -> float64."""
     try:
@@ -526,8 +533,10 @@ def run(args):
         writable_file(json_path, "--json")
     # the inputs are read first, so a malformed one stops the run before any slow step
     if args.ckpt:
-        model, _ = sample.load_model(args.ckpt, device)
-        n, source = args.n or PUBLISHED_N, f"{args.ckpt} (EMA, CFG {args.cfg_scale}, seed {args.seed})"
+        model, config = sample.load_model(args.ckpt, device)
+        conditional, cfg_scale = sample.guidance(config, args.cfg_scale)
+        n, source = args.n or PUBLISHED_N, (f"{args.ckpt} (EMA, {'' if conditional else 'unconditional, '}"
+                                            f"CFG {cfg_scale:g}, seed {args.seed})")
     else:
         if args.npz:
             images, source = load_npz_images(args.npz), args.npz
@@ -541,10 +550,11 @@ def run(args):
     net = load_inception(args.inception, device)
     ref_mu, ref_sigma = reference_stats(args.ref, args.cifar, net, device, args.batch, progress=True)
     if args.ckpt:
-        result = fid_of_model(model, net, ref_mu, ref_sigma, n, args.cfg_scale, args.seed, args.batch, device, True)
+        result = fid_of_model(model, net, ref_mu, ref_sigma, n, cfg_scale, args.seed, args.batch, device, True,
+                              conditional)
     else:
         result = metrics(net, images[:n], ref_mu, ref_sigma, args.batch, device, progress=True)
-    ref = f"cifar10-{args.ref}" if args.ref in CIFAR_FILES else args.ref
+    ref = reference_name(args.ref)
     print(f"FID {result['fid']:.3f} | IS {result['is_mean']:.3f} +- {result['is_std']:.3f} | {n:,} images from "
           f"{source} vs {ref}")
     if n < PUBLISHED_N:
@@ -552,7 +562,7 @@ def run(args):
               f"this number is not comparable with published FIDs, which use {PUBLISHED_N:,}.")
     if json_path:
         record = read_json(json_path)
-        record.update(result, fid_n=n, fid_ref=ref, **({"fid_cfg_scale": args.cfg_scale} if args.ckpt else {}))
+        record.update(result, fid_n=n, fid_ref=ref, **({"fid_cfg_scale": cfg_scale} if args.ckpt else {}))
         write_json(json_path, record)
         print(f"merged into {json_path}")
     return result

@@ -11,14 +11,15 @@ the student's own final layer, is pulled towards the teacher trajectory at time 
 
 The targets come from the stored pair (z, x0) through the forward PF-ODE (DESIGN.md section 6 says why the
 paper's printed time direction and sigma_min are changed): eps = z - x0/80,
-sigma(t) = (0.002^(1/7) + t (80^(1/7) - 0.002^(1/7)))^7, x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2),
-x(0) = x0. So t = 0 is the image and t = 1 the scaled noise 80 z / sqrt(1 + 80^2). All other flags are
-distill.py's; checkpoints are distill.py's format (sample.py and fid.py read them).
+sigma(t) = (s^(1/7) + t (80^(1/7) - s^(1/7)))^7 with s = --sigma-min (0.002, where the teacher's sampler ended),
+x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2), x(0) = x0. So t = 0 is the image and t = 1 the scaled noise
+80 z / sqrt(1 + 80^2). All other flags are distill.py's; checkpoints are distill.py's format (sample.py and fid.py
+read them).
 """
 import torch.nn as nn
 
 import distill
-from common import UsageError
+from common import UsageError, check_number
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7  # EDM's schedule (Karras et al. 2022)
 
@@ -30,23 +31,25 @@ def get_parser():
                    "target; the last must be the final block")
     g.add_argument("--t", dest="times", default="0.5,0", help="trajectory time per mapped layer, in [0,1] "
                    "(1: noise, 0: image); the last must be 0")
+    g.add_argument("--sigma-min", type=float, default=SIGMA_MIN, help="noise level at t = 0+ of the trajectory "
+                   "schedule: 0.002, where the VP teacher's sampler ended (the paper prints 0.02, EDM's VE value)")
     # Table 4's student has 6 layers; the width is the toy default's (the paper does not give it)
     p.set_defaults(method="mi1", default_design=(6, 64, 8))
     return p
 
 
-def sigma(t):
-    """EDM's rho-schedule read forwards: sigma(0) = 0.002, sigma(1) = 80, monotone increasing in t."""
-    return (SIGMA_MIN ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - SIGMA_MIN ** (1 / RHO))) ** RHO
+def sigma(t, sigma_min=SIGMA_MIN):
+    """EDM's rho-schedule read forwards: sigma(0) = sigma_min, sigma(1) = 80, monotone increasing in t."""
+    return (sigma_min ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - sigma_min ** (1 / RHO))) ** RHO
 
 
-def trajectory_point(z, x0, t):
+def trajectory_point(z, x0, t, sigma_min=SIGMA_MIN):
     """x(t) on the teacher's PF-ODE trajectory through (z, x0), in the variance-preserving scaling
     x(t) = sqrt(alpha) x0 + sqrt(1 - alpha) eps with alpha = 1/(1 + sigma^2). z, x0: [B,3,32,32]."""
     if t == 0:
-        return x0  # the image itself (sigma(0) = 0.002 would leave a trace of noise)
+        return x0  # the image itself (sigma(0) = sigma_min would leave a trace of noise)
     eps = z - x0 / SIGMA_MAX  # inverts x(1) = (x0 + 80 eps)/sqrt(1 + 80^2) = 80 z/sqrt(1 + 80^2)
-    s = sigma(t)
+    s = sigma(t, sigma_min)
     return (x0 + s * eps) / (1 + s * s) ** 0.5
 
 
@@ -72,6 +75,7 @@ def parse_mapping(args):
     if times[-1] != 0:
         raise UsageError(f"--t {args.times}: the last time must be 0, the image target of the final "
                          f"layer.")
+    check_number(args.sigma_min, "--sigma-min", low=0, high=SIGMA_MAX / 2, low_open=True)
     return list(zip(layers, times))
 
 
@@ -79,24 +83,24 @@ class MultiInOne(nn.Module):
     """The intermediate terms of L_MI1; the final layer's t = 0 term is distill.py's plain loss.
     Has no weights of its own: x_hat_l decodes hidden[l-1] with the student's own final layer."""
     needs_hidden = True
-    config_keys = ("layers", "times")
+    config_keys = ("layers", "times", "sigma_min")
 
-    def __init__(self, mapping, loss_fn):
+    def __init__(self, mapping, loss_fn, sigma_min=SIGMA_MIN):
         super().__init__()
-        self.mapping, self.loss_fn = mapping[:-1], loss_fn
+        self.mapping, self.loss_fn, self.sigma_min = mapping[:-1], loss_fn, sigma_min
 
     def forward(self, model, z, y, x, pred, hidden):
         total, terms = 0.0, {}
         for layer, t in self.mapping:
             x_hat = model.decode(hidden[layer - 1], y).float()  # [B,3,32,32] from block `layer`'s tokens
-            term = self.loss_fn(x_hat, trajectory_point(z, x, t))
+            term = self.loss_fn(x_hat, trajectory_point(z, x, t, self.sigma_min))
             total = total + term
             terms[f"l{layer}@t{t:g}"] = term.detach()
         return total, terms
 
 
 def make_extra(args, device, loss_fn):
-    return MultiInOne(parse_mapping(args), loss_fn)
+    return MultiInOne(parse_mapping(args), loss_fn, args.sigma_min)
 
 
 def main(argv=None):

@@ -5,7 +5,8 @@ Samples from a DiT-Nano checkpoint (EMA weights): a class-by-sample PNG grid, or
     python sample.py --ckpt CKPT --npz samples.npz --n 50000             # uint8 images [N,32,32,3] + labels, for fid.py
     python sample.py --ckpt CKPT --cfg-scale 1 --per-class 16 --out g.png
 
-Noise comes from a seeded generator, labels are uniform (i % 10), so a command always gives the same images.
+Noise comes from a seeded generator, labels are uniform (i % 10), so a command always gives the same images. A model
+trained on unconditional pairs (its checkpoint says so) is sampled with the null class and no guidance.
 """
 import argparse
 import os
@@ -40,11 +41,34 @@ def to_uint8(x):
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+PAPER_CFG = 1.5  # the paper samples class-conditional models with guidance 1.5
+
+
+def guidance(config, cfg_scale=None, flag="--cfg-scale"):
+    """(conditional, guidance scale) for sampling a checkpoint's model (config: its checkpoint's config).
+    A class-conditional model is sampled with labels i % 10 and, by default, the paper's guidance 1.5; a model
+    trained on unconditional pairs only ever saw the null class, so it is sampled with the null class in one
+    pass (scale 1), and a guided request of it is a UsageError. Checkpoints that do not record it are
+    class-conditional (the toy teacher and EDM-Cond-CIFAR)."""
+    conditional = config.get("conditional", True)
+    if cfg_scale is None:
+        return conditional, PAPER_CFG if conditional else 1.0
+    if not conditional and cfg_scale != 1:
+        raise UsageError(f"{flag} {cfg_scale:g}: this model was trained on unconditional pairs (null class only), so "
+                         f"it has no classes to guide towards; sample it with {flag} 1 (the default for it).")
+    return conditional, cfg_scale
+
+
+def labels_for(n, conditional=True):
+    """Labels of n samples [n]: uniform classes i % 10, or the null class for an unconditional model."""
+    return torch.arange(n) % dit.NUM_CLASSES if conditional else torch.full((n,), dit.NUM_CLASSES)
+
+
 @torch.no_grad()
-def generate(model, n, cfg_scale=1.5, seed=0, batch=500, device="cpu", progress=False):
-    """n images from fixed seeds with labels i % 10 -> (uint8 [n,32,32,3], labels int64 [n])."""
+def generate(model, n, cfg_scale=PAPER_CFG, seed=0, batch=500, device="cpu", progress=False, conditional=True):
+    """n images from fixed seeds with labels_for(n) -> (uint8 [n,32,32,3], labels int64 [n])."""
     g = torch.Generator().manual_seed(seed)
-    images, labels = [], torch.arange(n) % dit.NUM_CLASSES
+    images, labels = [], labels_for(n, conditional)
     for i in tqdm(range(0, n, batch), disable=not progress, desc="sampling"):
         z = torch.randn(min(batch, n - i), 3, dit.IMG, dit.IMG, generator=g).to(device)
         images.append(to_uint8(model.sample(z, labels[i:i + len(z)].to(device), cfg_scale).float()))
@@ -61,13 +85,14 @@ def image_format(path, flag="--out"):
 
 
 @torch.no_grad()
-def save_grid(model, path, cfg_scale=1.5, per_class=10, seed=0, device="cpu"):
-    """PNG grid: one row per class, per_class samples per row, from fixed noise. Written atomically."""
+def save_grid(model, path, cfg_scale=PAPER_CFG, per_class=10, seed=0, device="cpu", conditional=True):
+    """PNG grid from fixed noise, written atomically: one row per class, per_class samples per row (for an
+    unconditional model, 10 rows of null-class samples)."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(dit.NUM_CLASSES * per_class, 3, dit.IMG, dit.IMG, generator=g).to(device)
-    y = torch.arange(dit.NUM_CLASSES).repeat_interleave(per_class).to(device)
+    y = labels_for(dit.NUM_CLASSES, conditional).repeat_interleave(per_class).to(device)
     img = to_uint8(model.sample(z, y, cfg_scale).float()).numpy()  # [C*K,32,32,3]
     grid = img.reshape(dit.NUM_CLASSES, per_class, dit.IMG, dit.IMG, 3).transpose(0, 2, 1, 3, 4)
     grid = Image.fromarray(grid.reshape(dit.NUM_CLASSES * dit.IMG, per_class * dit.IMG, 3))
@@ -83,7 +108,8 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, default=10, help="grid columns (samples per class)")
     p.add_argument("--npz", help="instead of a grid, write N images and labels to this .npz")
     p.add_argument("--n", type=int, default=50000, help="images in the .npz")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (paper 1.5)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: the paper's 1.5; 1 for a "
+                   "model trained on unconditional pairs, which is sampled with the null class)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (>= 0)")
     p.add_argument("--batch", type=int, default=500, help="images per forward pass")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA (paper) or raw weights")
@@ -100,13 +126,15 @@ def main(argv=None):
             writable_file(args.out, "--out")
         args.device = pick_device(args.device)
         model, cfg = load_model(args.ckpt, args.device, args.weights)
+        conditional, cfg_scale = guidance(cfg, args.cfg_scale)
+    kind = "class-conditional" if conditional else "unconditional (null class)"
     if args.npz:
-        images, labels = generate(model, args.n, args.cfg_scale, args.seed, args.batch, args.device, progress=True)
+        images, labels = generate(model, args.n, cfg_scale, args.seed, args.batch, args.device, True, conditional)
         save_npz(args.npz, images=images, labels=labels)
-        print(f"wrote {args.npz}: images {images.shape} uint8, labels {labels.shape}, CFG {args.cfg_scale}")
+        print(f"wrote {args.npz}: images {images.shape} uint8, labels {labels.shape}, {kind}, CFG {cfg_scale:g}")
     else:
-        save_grid(model, args.out, args.cfg_scale, args.per_class, args.seed, args.device)
-        print(f"wrote {args.out}: {dit.NUM_CLASSES} classes x {args.per_class} samples, CFG {args.cfg_scale}")
+        save_grid(model, args.out, cfg_scale, args.per_class, args.seed, args.device, conditional)
+        print(f"wrote {args.out}: {dit.NUM_CLASSES} rows x {args.per_class} samples, {kind}, CFG {cfg_scale:g}")
 
 
 if __name__ == "__main__":

@@ -396,6 +396,12 @@ def test_mi1_trajectory_targets():
     eps = z - x0 / 80
     mix = x0 / math.sqrt(1 + s * s) + s / math.sqrt(1 + s * s) * eps
     assert torch.allclose(mi1.trajectory_point(z, x0, 0.5), mix, atol=1e-6)
+    # --sigma-min moves the schedule's image end (the paper's printed 0.02), not its noise end
+    s02 = ((0.02 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
+    assert math.isclose(mi1.sigma(0.0, 0.02), 0.02) and math.isclose(mi1.sigma(1.0, 0.02), 80)
+    assert math.isclose(mi1.sigma(0.5, 0.02), s02) and s02 > s
+    mix02 = (x0 + s02 * eps) / math.sqrt(1 + s02 * s02)
+    assert torch.allclose(mi1.trajectory_point(z, x0, 0.5, sigma_min=0.02), mix02, atol=1e-6)
 
 
 def test_mi1_every_mapped_layer_gets_gradient():
@@ -1081,7 +1087,7 @@ def test_distill_fid_every_records_fid_in_results(cache, world, tmp_path, capsys
     out = capsys.readouterr().out
     assert "FID of 10 samples is not comparable" in out and "fid " in out
     record = json.loads((tmp_path / "results.json").read_text())
-    assert record["fid_n"] == 10 and record["fid_ref"] == "train" and math.isfinite(record["fid"])
+    assert record["fid_n"] == 10 and record["fid_ref"] == "cifar10-train" and math.isfinite(record["fid"])
     assert record["ema"]["is_mean"] >= 1 - 1e-6
     # no weights: one line says why, and training goes on
     distill.main(train_args(cache, tmp_path / "none", "--steps", "1", "--fid-every", "1",
@@ -1305,3 +1311,42 @@ def test_study_sh_refuses_bad_settings(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, (setting, r.stderr)
         assert "config:" not in r.stdout  # no run started
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_unconditional_pairs_are_sampled_with_the_null_class_by_every_tool(world, tmp_path, monkeypatch, capsys):
+    """A model trained on GET-layout unconditional pairs records it in its checkpoint; then the training grid,
+    the held-out eval, FID, sample.py (grid and .npz), fid.py --ckpt and bench.py --ckpt all sample it with the
+    null class in one pass (no guidance), and an explicit guided request of it is refused."""
+    root = write_get_folder(tmp_path / "uncond", n_files=2, per_file=12, conditional=False, image_dtype=torch.float64)
+    seen, scales = [], []  # labels of every evaluation-mode forward pass, and every guidance scale, whoever asks
+    real_forward, real_sample = dit.DiT.forward, dit.DiT.sample
+    monkeypatch.setattr(dit.DiT, "forward", lambda self, z, y, return_hidden=False: (
+        seen.append(y.clone()) if not self.training else None) or real_forward(self, z, y, return_hidden))
+    monkeypatch.setattr(dit.DiT, "sample", lambda self, z, y, cfg_scale=1.5: scales.append(cfg_scale) or
+                        real_sample(self, z, y, cfg_scale))
+    out = tmp_path / "run"
+    distill.main(["--data", str(root), "--holdout", "4", *TINY, "--loss", "l2", "--batch", "8", "--steps", "2",
+                  "--out", str(out), "--fid-every", "2", "--fid-n", "10", "--inception", world["weights"],
+                  "--cifar", world["cifar"]])
+    ckpt, results = str(out / "ckpt.pt"), json.loads((out / "results.json").read_text())
+    assert torch.load(ckpt, weights_only=True)["config"]["conditional"] is False
+    assert results["conditional"] is False and results["fid_cfg_scale"] == 1 and "fid" in results
+    assert seen and all((y == dit.NUM_CLASSES).all() for y in seen) and set(scales) == {1}  # eval, grid, FID
+    seen.clear()
+    scales.clear()
+    sample.main(["--ckpt", ckpt, "--npz", str(tmp_path / "s.npz"), "--n", "12", "--batch", "5", "--device", "cpu"])
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "g.png"), "--per-class", "2", "--device", "cpu"])
+    assert (np.load(tmp_path / "s.npz")["labels"] == dit.NUM_CLASSES).all()
+    fid.main(["--ckpt", ckpt, "--n", "10", "--batch", "5", "--inception", world["weights"], "--cifar", world["cifar"],
+              "--device", "cpu"])
+    assert json.loads((out / "results.json").read_text())["fid_cfg_scale"] == 1
+    measured = bench.main(["--ckpt", ckpt, "--modes", "fp32", *FAST])
+    assert [r["cfg_scale"] for r in measured] == [1.0]
+    assert seen and all((y == dit.NUM_CLASSES).all() for y in seen) and set(scales) == {1}  # one unguided pass
+    capsys.readouterr()
+    for script, argv in [("sample", ["--ckpt", ckpt, "--npz", str(tmp_path / "t.npz"), "--cfg-scale", "1.5"]),
+                         ("fid", ["--ckpt", ckpt, "--cfg-scale", "1.5", "--inception", world["weights"]]),
+                         ("bench", ["--ckpt", ckpt, "--cfg-scale", "1.5", *FAST]),
+                         ("distill", ["--data", str(root), "--holdout", "4", *TINY, "--loss", "l2", "--cfg-scale",
+                                      "1.5", "--out", str(tmp_path / "guided")])]:
+        assert_refused(script, argv, "trained on unconditional pairs", capsys)
