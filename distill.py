@@ -14,7 +14,9 @@ ta.py and mi1.py reuse `train()` with an extra loss module; losses live in the L
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -199,6 +201,15 @@ def setup_processes(args):
     if args.batch % world:
         raise UsageError(f"--batch {args.batch} does not split evenly over {world} processes.")
     return dist.get_rank(), world, device
+
+
+def stop_on_sigterm():
+    """A scheduler's SIGTERM (job time limit, preemption, `timeout`) stops training as Ctrl-C does: the loop
+    saves a checkpoint and exits, and --resume continues."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def autocast(args, device):
@@ -414,6 +425,7 @@ def train(args, make_extra=None):
     term_sums = {}  # the method's terms, summed between log lines like the loss
     bar = None
     model.train()
+    stop_on_sigterm()
     try:
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)

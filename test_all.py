@@ -349,14 +349,15 @@ def test_ddp_two_processes_matches_single_process(cache, tmp_path):
         assert torch.allclose(a["model"][name], b["model"][name], atol=1e-5), name
 
 
-def test_ctrl_c_saves_a_checkpoint(cache, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or a scheduler ending the job
+def test_ctrl_c_saves_a_checkpoint(cache, tmp_path, stop):
     proc = subprocess.Popen([sys.executable, "distill.py", *train_args(cache, tmp_path, "--steps", "100000",
                                                                          "--log-every", "2")],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step "):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
