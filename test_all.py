@@ -353,7 +353,9 @@ def test_ddp_two_processes_matches_single_process(cache, tmp_path):
 def test_ctrl_c_saves_a_checkpoint(cache, tmp_path, stop):
     proc = subprocess.Popen([sys.executable, "distill.py", *train_args(cache, tmp_path, "--steps", "100000",
                                                                          "--log-every", "2")],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell starts background jobs with SIGINT ignored; give the run a terminal's Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step "):
             break
