@@ -86,11 +86,16 @@ def draw_images(per_class, seed):
     return torch.from_numpy(np.stack(images)).float(), torch.tensor(labels)
 
 
+def rho_schedule(t, sigma_min=SIGMA_MIN):
+    """EDM's noise levels as a function of t in [0,1]: sigma_min at t = 0, SIGMA_MAX at t = 1, evenly spaced
+    in sigma^(1/rho). The sampler walks it from t = 1 down; mi1.py reads it forwards."""
+    return (sigma_min ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - sigma_min ** (1 / RHO))) ** RHO
+
+
 def edm_sigmas(steps=STEPS):
-    """EDM's time steps: (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, then 0."""
+    """EDM's time steps t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N, then 0."""
     i = torch.arange(steps, dtype=torch.float64)
-    s = (SIGMA_MAX ** (1 / RHO) + i / (steps - 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([rho_schedule(1 - i / (steps - 1)), torch.zeros(1, dtype=torch.float64)])
 
 
 def exact_denoiser(x, sigma, bank):
@@ -100,22 +105,30 @@ def exact_denoiser(x, sigma, bank):
     return torch.softmax(-d2 / (2 * sigma ** 2), dim=1) @ bank
 
 
+def heun_solve(x, sigmas, denoise):
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): integrates the probability-flow ODE
+    dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] down to sigmas[-1], with Heun's 2nd-order correction
+    on every step except one that ends at sigma = 0 (Euler). x [b,D] at sigmas[0] -> x [b,D] at sigmas[-1]."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoise(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d_next = (x_next - denoise(x_next, s_next)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
 def teacher_sample(z, y, bank, labels, steps=STEPS):
-    """EDM deterministic Heun sampler on the exact class-conditional denoiser: unit noise z [B,3,32,32]
-    and labels y [B] -> teacher images [B,3,32,32] (float32)."""
+    """EDM's Heun sampler on the exact class-conditional denoiser: unit noise z [B,3,32,32] and labels
+    y [B] -> teacher images [B,3,32,32] (float32)."""
     sigmas = edm_sigmas(steps)
     out = torch.empty(z.shape, dtype=torch.float32)
     for c in y.unique().tolist():
         rows = (y == c).nonzero().squeeze(1)
         images = bank[labels == c].flatten(1).double()  # the class's training images [n,D]
-        x = z[rows].flatten(1).double() * sigmas[0]     # x = 80 z
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            d = (x - exact_denoiser(x, s, images)) / s  # dx/dsigma of the probability-flow ODE
-            x_next = x + (s_next - s) * d
-            if s_next > 0:  # Heun's 2nd-order correction, skipped on the last (Euler) step
-                d_next = (x_next - exact_denoiser(x_next, s_next, images)) / s_next
-                x_next = x + (s_next - s) * (d + d_next) / 2
-            x = x_next
+        x = heun_solve(z[rows].flatten(1).double() * sigmas[0], sigmas,  # from x = 80 z
+                       lambda x, sigma: exact_denoiser(x, sigma, images))
         out[rows] = x.float().view(-1, *SHAPE)
     return out
 

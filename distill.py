@@ -9,8 +9,9 @@ appendix B.1 and C: the GET setup): minimise loss(x, G(z, y)) over the teacher's
 
 Writes OUT/ckpt.pt (model, EMA, optimizer, step, RNG states, config), OUT/grid.png (EMA samples,
 CFG 1.5), OUT/metrics.jsonl (held-out metrics per evaluation) and OUT/results.json (the last one).
-ta.py and mi1.py reuse `train()` with an extra loss module; losses live in the LOSSES table.
+ta.py and mi1.py subclass `Method` (their extra loss terms) and reuse `train()`; losses live in the LOSSES table.
 """
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -41,8 +43,11 @@ PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, log_every=100)
 TOY = dict(loss="l2", batch=32, steps=1200, lr=3e-4, log_every=50, eval_every=400)
 
 
-def get_parser():
-    p, g = dit.design_parser(__doc__, "model (DESIGN.md 1-2); default: the 0.42M design (5,64,8)")
+def get_parser(method=None):
+    """distill.py's flags; with a Method, that method's flags too (ta.py, mi1.py)."""
+    design = method.default_design if method else (5, 64, 8)
+    p, g = dit.design_parser(sys.modules[method.__module__].__doc__ if method else __doc__,
+                             "model (DESIGN.md 1-2); default: the design (%d,%d,%d)" % design)
     data.add_flags(p)
     g = p.add_argument_group("optimisation (paper, appendix C)")
     g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: l2)")
@@ -76,8 +81,9 @@ def get_parser():
                    "mu/sigma .npz")
     g.add_argument("--inception", help="FID Inception weights file (default: the torch hub cache)")
     g.add_argument("--cifar", help="CIFAR-10 python tarball for the reference statistics (default: data/)")
-    # ta.py and mi1.py set their own method (recorded in the config) and may set another default design
-    p.set_defaults(method="distill", default_design=(5, 64, 8))
+    p.set_defaults(method=method.name if method else "distill", default_design=design)
+    if method:
+        method.add_flags(p.add_argument_group(f"{method.name}: {method.title}"))
     return p
 
 
@@ -219,9 +225,9 @@ def autocast(args, device):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: plain tensors and dicts, written atomically, loadable with weights_only=True
 
-def save_checkpoint(path, model, ema, opt, extra, step, config):
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-             "extra": extra.state_dict() if extra is not None else {}, "step": step,
+def save_checkpoint(path, run, step, config):
+    state = {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.opt.state_dict(),
+             "extra": run.extra.state_dict() if run.extra is not None else {}, "step": step,
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
              "config": dict(config)}
@@ -237,12 +243,6 @@ def load_checkpoint(path):
         raise UsageError(f"--resume: {path} is not a checkpoint this script can resume (it lacks "
                          f"{', '.join(missing)}); move it away or choose another --out.")
     return state
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,16 +289,165 @@ def fmt_metrics(m):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# The method contract: ta.py and mi1.py subclass Method; plain distillation is `method=None`
 
-def train(args, make_extra=None):
-    """The distillation loop: loss = base_weight * loss(x, pred) + extra terms.
+class Method(nn.Module):
+    """A distillation method: loss terms added to (or replacing) the plain loss(x, G(z, y)).
 
-    make_extra(args, device, loss_fn) -> nn.Module, the hook ta.py and mi1.py use to add a method's terms:
-    extra(model, z, y, x, pred, hidden) -> (loss, {term name: detached scalar}). Its trainable parameters
-    are optimised and checkpointed with the student (frozen networks it holds must not be submodules).
-    Attributes it may set: needs_hidden (hidden states are computed only then), base_weight (lambda_0 of
-    the plain term, default 1; 0 skips it) and config_keys (flags that must match on --resume)."""
+    A subclass is the method's idea and little else. Class attributes:
+      name            recorded as the config's `method`; prefixes the run folder (runs/ta_d5w64h8_l2)
+      title           the heading of its flags in --help
+      default_design  (d, w, h) trained when no --d/--w/--h or --params is given
+      needs_hidden    the student then also returns its blocks' hidden states (computed only then)
+      base_weight     lambda_0 of the plain term (an instance may set it; 0 skips the term)
+      config_keys     settings that must match on --resume
+    and methods: add_flags(group), check(args) (flag checks needing no files; raise UsageError),
+    build(args, device, loss_fn) -> the module for this run, forward(model, z, y, x, pred, hidden) ->
+    (loss, {term name: detached scalar}). Its trainable parameters are optimised and checkpointed with
+    the student; a frozen network it holds must not be a submodule (set it with object.__setattr__)."""
+    name, title = "method", "a distillation method"
+    default_design = (5, 64, 8)
+    needs_hidden = False
+    base_weight = 1.0
+    config_keys = ()
+
+    @staticmethod
+    def add_flags(group):
+        pass
+
+    @staticmethod
+    def check(args):
+        pass
+
+    @classmethod
+    def build(cls, args, device, loss_fn):
+        raise NotImplementedError
+
+    # shared checks for a method's flags
+    @staticmethod
+    def numbers(text, flag, kind, example, sep=","):
+        """'a,b,c' -> [kind(a), kind(b), kind(c)], or a UsageError naming the flag and an example."""
+        try:
+            return [kind(v) for v in text.split(sep)]
+        except ValueError:
+            raise UsageError(f"{flag} {text}: expected {kind.__name__}s separated by '{sep}', e.g. {flag} {example}.")
+
+    @staticmethod
+    def check_blocks(blocks, depth, flag, who="the student"):
+        """Block numbers (1-based) that must increase and lie in 1..depth; raises UsageError."""
+        if any(not 1 <= b <= depth for b in blocks):
+            raise UsageError(f"{flag}: blocks {blocks} are not all among {who}'s blocks 1..{depth}.")
+        if any(b <= a for a, b in zip(blocks, blocks[1:])):
+            raise UsageError(f"{flag}: blocks {blocks} must be increasing (each of {who}'s blocks is mapped "
+                             f"at most once, in order).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the batch, one step, evaluation, the loop
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(n, seed, epoch):
+    """The training pairs' order in an epoch: from (seed, epoch) alone, so every DDP rank and every resume
+    sees exactly the batches one uninterrupted run would."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def batch_of_step(train_set, step, args, rank=0, world=1):
+    """This process's share of step `step`'s global batch -> (z, y, x) with label dropout applied: a
+    seeded --label-dropout fraction of labels becomes the null class (dit.NUM_CLASSES), for CFG."""
+    steps_per_epoch = len(train_set) // args.batch
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    local = args.batch // world
+    idx = epoch_order(len(train_set), args.seed, epoch)[in_epoch * args.batch:(in_epoch + 1) * args.batch]
+    z, y, x = train_set.batch(idx[rank * local:(rank + 1) * local])
+    g = torch.Generator().manual_seed(args.seed * 104729 + step)
+    drop = torch.rand(args.batch, generator=g)[rank * local:(rank + 1) * local] < args.label_dropout
+    return z, torch.where(drop, torch.full_like(y, dit.NUM_CLASSES), y), x
+
+
+def ema_decay(step, ema):
+    """EMA decay at optimiser step `step` (0-based): warmed up as min(ema, (1 + step) / (10 + step))."""
+    return min(ema, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def build_student(args, device, loss_fn, method=None, world=1):
+    """The student (seeded by --seed), its EMA copy, the method's module, AdamW over both, and the
+    forward to call (compiled and/or DDP-wrapped) -> a namespace train_step runs on."""
+    torch.manual_seed(args.seed)
+    model = dit.DiT(args.depth, args.width, args.heads).to(device)
+    ema = dit.DiT(args.depth, args.width, args.heads).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    # the method's module is built after the student, so its student starts exactly as distill.py's would
+    extra = method.build(args, device, loss_fn).to(device) if method else None
+    extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + extra_params, lr=args.lr,
+                            weight_decay=args.weight_decay)
+    fwd = torch.compile(model) if args.compile else model
+    if world > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    return SimpleNamespace(model=model, ema=ema, extra=extra, extra_params=extra_params, opt=opt, fwd=fwd,
+                           loss_fn=loss_fn, world=world, autocast=autocast(args, device), ema_max=args.ema,
+                           needs_hidden=bool(extra is not None and extra.needs_hidden),
+                           base_weight=extra.base_weight if extra is not None else 1.0)
+
+
+def train_step(run, z, y, x, step):
+    """One optimiser step on a batch (on the run's device): loss = base_weight * loss(x, G(z, y)) + the
+    method's terms; AdamW, then the EMA. Returns (loss, {term: value}), detached, without a host sync."""
+    with run.autocast:
+        out = run.fwd(z, y, return_hidden=run.needs_hidden)
+        pred, hidden = out if run.needs_hidden else (out, None)  # pred [B,3,32,32]
+        loss = run.base_weight * run.loss_fn(pred.float(), x) if run.base_weight else 0.0
+        terms = {}
+        if run.extra is not None:
+            extra_loss, terms = run.extra(run.model, z, y, x, pred, hidden)
+            loss = loss + extra_loss
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.world > 1:  # DDP averages the student's gradients; the method's own weights are averaged here
+        for p in run.extra_params:
+            dist.all_reduce(p.grad)
+            p.grad /= run.world
+    run.opt.step()
+    ema_update(run.ema, run.model, ema_decay(step, run.ema_max))
+    return loss.detach(), terms
+
+
+def measure(run, held, baseline, lpips_eval, fid_setup, step, config, device):
+    """Held-out metrics of the EMA model (and FID when fid_setup is given): appended to metrics.jsonl,
+    written as results.json, the sample grid redrawn. Returns the record."""
+    args = SimpleNamespace(**config)
+    metrics = evaluate(run.ema, held, device, lpips_eval)
+    if fid_setup is not None:
+        metrics.update(fid.fid_of_model(run.ema, *fid_setup, n=args.fid_n, cfg_scale=args.cfg_scale, device=device,
+                                        progress=sys.stderr.isatty(), conditional=args.conditional))
+    record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": args.param_count,
+              "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
+              "data": args.data, "conditional": args.conditional,
+              **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
+                  "fid_cfg_scale": args.cfg_scale} if fid_setup is not None else {}),
+              "batch": args.batch, "lr": args.lr, "seed": args.seed,
+              **({"toy_seed": args.toy_seed} if args.data == "toy" else {}),
+              "wall_s": args.wall_s, "hardware": f"{hardware(device)}, {args.world} process(es)"}
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    write_json(os.path.join(args.out, "results.json"), record)
+    sample.save_grid(run.ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device,
+                     conditional=args.conditional)
+    return record
+
+
+def train(args, method=None):
+    """Distil a student from the pairs of --data with the plain loss and, if given, a Method's terms."""
+    # -- processes, device, output folder: every check before any slow work ------------------------
     rank, world, device = setup_processes(args)
     master = rank == 0
     log = tqdm.write if master else (lambda *a, **k: None)  # tqdm.write keeps a progress bar intact
@@ -309,7 +458,6 @@ def train(args, make_extra=None):
         raise UsageError("--dtype bf16 is supported here on CUDA and CPU only; use --dtype fp32 on MPS.")
     if args.dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("this GPU does not support bf16; use --dtype fp32.")
-
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not args.resume:
         raise UsageError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out.")
@@ -321,6 +469,7 @@ def train(args, make_extra=None):
     if problem:
         raise UsageError(f"--compile: {problem}; train without --compile.")
 
+    # -- data: the teacher's pairs, a held-out split, the step count ---------------------------------
     toy = data.toy_options(args)
     if master or args.data != "toy":
         train_set, held = data.load_pairs(args.data, args.holdout, **toy)
@@ -328,11 +477,6 @@ def train(args, make_extra=None):
         dist.barrier()  # rank 0 builds the toy cache, the others then read it
         if not master and args.data == "toy":
             train_set, held = data.load_pairs(args.data, args.holdout, **toy)
-    # a missing LPIPS trunk stops the run here, before step 0; the metric uses it whenever it is cached
-    loss_fn = build_loss(args, device)
-    lpips_eval = getattr(loss_fn, "net", None) or build_lpips(args.lpips_net, device, args.lpips_backbone
-                                                              if args.lpips_backbone != "random" else None,
-                                                              download=False)
     # unconditional pairs train the null class only: such a model is sampled with it, without guidance
     args.conditional = bool(getattr(train_set, "conditional", True))
     _, args.cfg_scale = sample.guidance(vars(args), args.cfg_scale)
@@ -342,35 +486,26 @@ def train(args, make_extra=None):
     total = args.steps or math.ceil((args.epochs or 1) * steps_per_epoch)
     eval_every = args.eval_every or steps_per_epoch
 
-    torch.manual_seed(args.seed)
-    model = dit.DiT(args.depth, args.width, args.heads).to(device)
-    ema = dit.DiT(args.depth, args.width, args.heads).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.eval().requires_grad_(False)
-    # the method's module is built after the student, so its student starts exactly as distill.py's would
-    extra = make_extra(args, device, loss_fn) if make_extra else None
+    # -- loss, metric networks, model, EMA, method, optimizer, resume ------------------------------
+    # a missing LPIPS trunk stops the run here, before step 0; the metric uses it whenever it is cached
+    loss_fn = build_loss(args, device)
+    lpips_eval = getattr(loss_fn, "net", None) or build_lpips(args.lpips_net, device, args.lpips_backbone
+                                                              if args.lpips_backbone != "random" else None,
+                                                              download=False)
+    run = build_student(args, device, loss_fn, method, world)
+    step = 0
     if state is not None:  # a resume must not change the run's settings
         old = state["config"]
-        for k in ("depth", "width", "heads", "data", *getattr(extra, "config_keys", ())):
+        for k in ("depth", "width", "heads", "data", *(method.config_keys if method else ())):
             if old.get(k) != getattr(args, k):
                 raise UsageError(f"--resume: the checkpoint has {k}={old.get(k)}, this command "
                                  f"{k}={getattr(args, k)}; resume with the same settings, or choose another --out.")
-    config = {k: v for k, v in vars(args).items()}
-    config.update(param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
-    log("config: " + json.dumps(config, sort_keys=True))
-    if extra is not None:
-        extra.to(device)
-    extra_params = [p for p in extra.parameters() if p.requires_grad] if extra is not None else []
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad] + extra_params, lr=args.lr,
-                            weight_decay=args.weight_decay)
-    step = 0
-    if state is not None:
         try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
-            if extra is not None:
-                extra.load_state_dict(state["extra"])
+            run.model.load_state_dict(state["model"])
+            run.ema.load_state_dict(state["ema"])
+            run.opt.load_state_dict(state["optimizer"])
+            if run.extra is not None:
+                run.extra.load_state_dict(state["extra"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"--resume: {ckpt_path} holds weights that do not fit this run ({type(e).__name__}: "
                              f"{str(e)[:300]}); resume with the same settings, or choose another --out.")
@@ -378,13 +513,10 @@ def train(args, make_extra=None):
         if device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         step = state["step"]
+    config = dict(vars(args), param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
+    log("config: " + json.dumps(config, sort_keys=True))
+    if state is not None:
         log(f"resumed from {ckpt_path} at step {step}")
-    fwd = torch.compile(model) if args.compile else model
-    if world > 1:
-        fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    needs_hidden = extra is not None and getattr(extra, "needs_hidden", False)
-    base_weight = getattr(extra, "base_weight", 1.0)
-
     means = data.class_means(train_set).to(device)
     baseline = evaluate(lambda z, y: means[y], held, device, lpips_eval)
     log(f"class-mean baseline (predict the class's mean teacher image) on {len(held)} held-out pairs: "
@@ -393,82 +525,32 @@ def train(args, make_extra=None):
         log("LPIPS metric skipped: its trunk weights are not in the torch hub cache (see README).")
     fid_setup = setup_fid(args, device, log) if master else None
 
-    def checkpoint():
-        if master:
-            save_checkpoint(ckpt_path, model, ema, opt, extra, step, config)
-
-    def measure(with_fid):
-        metrics = evaluate(ema, held, device, lpips_eval)
-        if with_fid:
-            metrics.update(fid.fid_of_model(ema, *fid_setup, n=args.fid_n, cfg_scale=args.cfg_scale,
-                                            device=device, progress=sys.stderr.isatty(),
-                                            conditional=args.conditional))
-        record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": config["param_count"],
-                  "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
-                  "data": args.data, "conditional": args.conditional,
-                  **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
-                      "fid_cfg_scale": args.cfg_scale} if with_fid else {}),
-                  "batch": args.batch, "lr": args.lr, "seed": args.seed, **({"toy_seed": args.toy_seed} if toy else {}),
-                  "wall_s": round(time.time() - t_start + wall_before, 1),
-                  "hardware": f"{hardware(device)}, {world} process(es)"}
-        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        write_json(os.path.join(args.out, "results.json"), record)
-        sample.save_grid(ema, os.path.join(args.out, "grid.png"), cfg_scale=args.cfg_scale, device=device,
-                         conditional=args.conditional)
-        log(f"eval step {step} | ema {fmt_metrics(metrics)} | class-mean psnr {baseline['psnr']:.2f} dB")
-
-    local_batch = args.batch // world
+    # -- the loop: a step per batch; a log line, evaluation and checkpoint at their intervals ---------
     wall_before = state["config"].get("wall_s", 0.0) if state is not None else 0.0
     t_start = t_log = time.time()
-    step_at_start, loss_sum, loss_count = step, torch.zeros((), device=device), 0
-    term_sums = {}  # the method's terms, summed between log lines like the loss
+    step_at_start, loss_sum, loss_count, term_sums = step, torch.zeros((), device=device), 0, {}
     bar = None
-    model.train()
+    run.model.train()
     stop_on_sigterm()
     try:
         while step < total:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
             if bar is None:  # a new epoch (or the first after a resume)
+                epoch, in_epoch = divmod(step, steps_per_epoch)
                 bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch}", leave=False,
                            disable=not master or not sys.stderr.isatty())
-                # data order and label dropout derive from (seed, epoch, step): the same on every rank and
-                # after a resume, so DDP and resumed runs see exactly the batches a single run would
-                order = torch.randperm(len(train_set),
-                                       generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-            idx = order[in_epoch * args.batch:(in_epoch + 1) * args.batch][rank * local_batch:(rank + 1) * local_batch]
-            z, y, x = (t.to(device, non_blocking=True) for t in train_set.batch(idx))
-            g = torch.Generator().manual_seed(args.seed * 104729 + step)
-            drop = torch.rand(args.batch, generator=g)[rank * local_batch:(rank + 1) * local_batch] < args.label_dropout
-            y = torch.where(drop.to(device), torch.full_like(y, dit.NUM_CLASSES), y)
-
-            with autocast(args, device):
-                out = fwd(z, y, return_hidden=needs_hidden)
-                pred, hidden = out if needs_hidden else (out, None)
-                loss = base_weight * loss_fn(pred.float(), x) if base_weight else 0.0
-                if extra is not None:
-                    extra_loss, terms = extra(model, z, y, x, pred, hidden)
-                    loss = loss + extra_loss
-                    for k, v in terms.items():
-                        term_sums[k] = term_sums.get(k, 0.0) + v
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # DDP averages the student's gradients; the method's own weights are averaged here
-                for p in extra_params:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            opt.step()
-            ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+            z, y, x = (t.to(device, non_blocking=True) for t in batch_of_step(train_set, step, args, rank, world))
+            loss, terms = train_step(run, z, y, x, step)
             step += 1
-            loss_sum += loss.detach()
+            loss_sum += loss
             loss_count += 1
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v
             bar.update(1)
-            if in_epoch + 1 == steps_per_epoch:
+            if step % steps_per_epoch == 0:
                 bar.close()
                 bar = None
 
             last = step == total
-            fid_due = fid_setup is not None and (last or bool(args.fid_every) and step % args.fid_every == 0)
             if step % args.log_every == 0 or step % eval_every == 0 or last:
                 mean_loss = (loss_sum / loss_count).item()  # the one host sync per interval
                 if not math.isfinite(mean_loss):
@@ -476,41 +558,49 @@ def train(args, make_extra=None):
                 now = time.time()
                 rate = loss_count * args.batch / (now - t_log)
                 eta = (now - t_start) / (step - step_at_start) * (total - step)
-                terms = "".join(f" | {k} {v.item() / loss_count:.4f}" for k, v in term_sums.items())
-                log(f"step {step}/{total} | loss {mean_loss:.4f}{terms} | {rate:.1f} img/s | eta {eta / 60:.1f} min")
+                means_of_terms = "".join(f" | {k} {v.item() / loss_count:.4f}" for k, v in term_sums.items())
+                log(f"step {step}/{total} | loss {mean_loss:.4f}{means_of_terms} | {rate:.1f} img/s | "
+                    f"eta {eta / 60:.1f} min")
                 loss_sum.zero_()
                 term_sums.clear()
                 loss_count, t_log = 0, now
+            fid_due = fid_setup is not None and (last or bool(args.fid_every) and step % args.fid_every == 0)
             if step % eval_every == 0 or last or fid_due:
                 config["wall_s"] = round(time.time() - t_start + wall_before, 1)
                 if master:
-                    measure(fid_due)
-                checkpoint()
-    except KeyboardInterrupt:
+                    record = measure(run, held, baseline, lpips_eval, fid_setup if fid_due else None, step,
+                                     config, device)
+                    log(f"eval step {step} | ema {fmt_metrics(record['ema'])} | class-mean psnr "
+                        f"{baseline['psnr']:.2f} dB")
+                    save_checkpoint(ckpt_path, run, step, config)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work done so far
         if bar:
             bar.close()
-        checkpoint()
+        if master:
+            save_checkpoint(ckpt_path, run, step, config)
         log(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume")
         sys.exit(130)
     except FloatingPointError as e:
         log(f"error: {e}. Stopped; the last good checkpoint {ckpt_path} is kept (nothing was saved after it). "
             f"Try a lower --lr, or --dtype fp32.")
         sys.exit(1)
+
+    # -- the end ---------------------------------------------------------------------------------
     if world > 1:
         dist.destroy_process_group()
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}, "
         f"samples {os.path.join(args.out, 'grid.png')}")
-    return model, ema
+    return run.model, run.ema
 
 
-def main(argv=None, make_extra=None, parser=None, check=None):
-    """Parse, resolve, check (a method's flag validation), train; bad input ends in one paragraph, exit 2."""
-    args = (parser or get_parser()).parse_args(argv)
+def main(argv=None, method=None):
+    """Parse, resolve, check (the method's flags), train; bad input ends in one paragraph, exit 2."""
+    args = get_parser(method).parse_args(argv)
     with exit_on_usage_error():
         args = resolve(args)
-        if check:
-            check(args)
-        return train(args, make_extra)
+        if method is not None:
+            method.check(args)
+        return train(args, method)
 
 
 if __name__ == "__main__":

@@ -16,76 +16,67 @@ x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2), x(0) = x0. So t = 0 is the im
 80 z / sqrt(1 + 80^2). All other flags are distill.py's; checkpoints are distill.py's format (sample.py and fid.py
 read them).
 """
-import torch.nn as nn
-
+import data
 import distill
 from common import UsageError, check_number
 
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7  # EDM's schedule (Karras et al. 2022)
 
-
-def get_parser():
-    p = distill.get_parser()
-    g = p.add_argument_group("Multi-In-One (paper appendix B.3, Table 4)")
-    g.add_argument("--layers", default="3,6", help="student blocks (1-based, increasing) that get a trajectory "
-                   "target; the last must be the final block")
-    g.add_argument("--t", dest="times", default="0.5,0", help="trajectory time per mapped layer, in [0,1] "
-                   "(1: noise, 0: image); the last must be 0")
-    g.add_argument("--sigma-min", type=float, default=SIGMA_MIN, help="noise level at t = 0+ of the trajectory "
-                   "schedule: 0.002, where the VP teacher's sampler ended (the paper prints 0.02, EDM's VE value)")
-    # Table 4's student has 6 layers; the width is the toy default's (the paper does not give it)
-    p.set_defaults(method="mi1", default_design=(6, 64, 8))
-    return p
-
-
-def sigma(t, sigma_min=SIGMA_MIN):
-    """EDM's rho-schedule read forwards: sigma(0) = sigma_min, sigma(1) = 80, monotone increasing in t."""
-    return (sigma_min ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - sigma_min ** (1 / RHO))) ** RHO
-
-
-def trajectory_point(z, x0, t, sigma_min=SIGMA_MIN):
+def trajectory_point(z, x0, t, sigma_min=data.SIGMA_MIN):
     """x(t) on the teacher's PF-ODE trajectory through (z, x0), in the variance-preserving scaling
     x(t) = sqrt(alpha) x0 + sqrt(1 - alpha) eps with alpha = 1/(1 + sigma^2). z, x0: [B,3,32,32]."""
     if t == 0:
         return x0  # the image itself (sigma(0) = sigma_min would leave a trace of noise)
-    eps = z - x0 / SIGMA_MAX  # inverts x(1) = (x0 + 80 eps)/sqrt(1 + 80^2) = 80 z/sqrt(1 + 80^2)
-    s = sigma(t, sigma_min)
+    eps = z - x0 / data.SIGMA_MAX  # inverts x(1) = (x0 + 80 eps)/sqrt(1 + 80^2) = 80 z/sqrt(1 + 80^2)
+    s = data.rho_schedule(t, sigma_min)
     return (x0 + s * eps) / (1 + s * s) ** 0.5
 
 
 def parse_mapping(args):
     """--layers/--t -> [(layer, t)], checked against the student's depth; raises UsageError."""
-    try:
-        layers = [int(v) for v in args.layers.split(",")]
-        times = [float(v) for v in args.times.split(",")]
-    except ValueError:
-        raise UsageError(f"--layers {args.layers} --t {args.times}: expected comma-separated integers "
-                         f"and numbers, e.g. --layers 3,6 --t 0.5,0.")
+    layers = distill.Method.numbers(args.layers, "--layers", int, "3,6")
+    times = distill.Method.numbers(args.times, "--t", float, "0.5,0")
     if len(layers) != len(times):
         raise UsageError(f"--layers has {len(layers)} entries but --t has {len(times)}: give one time "
                          f"per mapped layer.")
-    if any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1:
-        raise UsageError(f"--layers {args.layers}: layers must be increasing block numbers from 1.")
     if layers[-1] != args.depth:
         raise UsageError(f"--layers {args.layers}: the last mapped layer must be the final block "
                          f"{args.depth} of this {args.depth}-block student (it carries the plain "
                          f"target); use --d {layers[-1]} or end --layers with {args.depth}.")
+    distill.Method.check_blocks(layers, args.depth, "--layers")
     if any(not 0 <= t <= 1 for t in times):
         raise UsageError(f"--t {args.times}: every time must lie in [0, 1] (1: noise, 0: image).")
     if times[-1] != 0:
         raise UsageError(f"--t {args.times}: the last time must be 0, the image target of the final "
                          f"layer.")
-    check_number(args.sigma_min, "--sigma-min", low=0, high=SIGMA_MAX / 2, low_open=True)
+    check_number(args.sigma_min, "--sigma-min", low=0, high=data.SIGMA_MAX / 2, low_open=True)
     return list(zip(layers, times))
 
 
-class MultiInOne(nn.Module):
+class MultiInOne(distill.Method):
     """The intermediate terms of L_MI1; the final layer's t = 0 term is distill.py's plain loss.
     Has no weights of its own: x_hat_l decodes hidden[l-1] with the student's own final layer."""
+    name, title = "mi1", "Multi-In-One (paper appendix B.3, Table 4)"
+    default_design = (6, 64, 8)  # Table 4's student has 6 layers; the width is the toy default's (not given)
     needs_hidden = True
     config_keys = ("layers", "times", "sigma_min")
 
-    def __init__(self, mapping, loss_fn, sigma_min=SIGMA_MIN):
+    @staticmethod
+    def add_flags(g):
+        g.add_argument("--layers", default="3,6", help="student blocks (1-based, increasing) that get a "
+                       "trajectory target; the last must be the final block")
+        g.add_argument("--t", dest="times", default="0.5,0", help="trajectory time per mapped layer, in [0,1] "
+                       "(1: noise, 0: image); the last must be 0")
+        g.add_argument("--sigma-min", type=float, default=data.SIGMA_MIN, help="noise level at t = 0+ of the "
+                       "trajectory schedule: 0.002, where the VP teacher's sampler ended (the paper prints 0.02, "
+                       "EDM's VE value)")
+
+    check = staticmethod(parse_mapping)
+
+    @classmethod
+    def build(cls, args, device, loss_fn):
+        return cls(parse_mapping(args), loss_fn, args.sigma_min)
+
+    def __init__(self, mapping, loss_fn, sigma_min=data.SIGMA_MIN):
         super().__init__()
         self.mapping, self.loss_fn, self.sigma_min = mapping[:-1], loss_fn, sigma_min
 
@@ -99,12 +90,12 @@ class MultiInOne(nn.Module):
         return total, terms
 
 
-def make_extra(args, device, loss_fn):
-    return MultiInOne(parse_mapping(args), loss_fn, args.sigma_min)
+def get_parser():
+    return distill.get_parser(MultiInOne)
 
 
 def main(argv=None):
-    return distill.main(argv, make_extra, get_parser(), check=parse_mapping)
+    return distill.main(argv, MultiInOne)
 
 
 if __name__ == "__main__":

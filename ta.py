@@ -26,50 +26,16 @@ import sample
 from common import UsageError, check_number
 
 
-def get_parser():
-    p = distill.get_parser()
-    g = p.add_argument_group("Teaching Assistant (paper appendix B.2, Table 3)")
-    g.add_argument("--ta", help="the TA's checkpoint (distill.py's ckpt.pt; the paper's TA is (12,384,12))")
-    g.add_argument("--teacher-weight", type=float, default=0.0, help="l0: loss(x, x_hat) against the teacher")
-    g.add_argument("--ta-weight", type=float, default=1.0, help="l1: loss(x_TA, x_hat) against the TA's output")
-    g.add_argument("--feature-weight", type=float, default=0.0, help="l2: the feature terms")
-    g.add_argument("--feature-layers", default="penultimate", help="student:TA block pairs (1-based), e.g. "
-                   "4:11 or 2:4,4:11; 'penultimate' pairs the two penultimate blocks (the paper)")
-    p.set_defaults(method="ta")
-    return p
-
-
-def check(args):
-    """Flag checks that need no files; raise UsageError."""
-    if not args.ta:
-        raise UsageError("ta.py needs --ta CKPT, the TA's checkpoint: train it first with distill.py "
-                         "(e.g. python distill.py --d 12 --w 384 --h 12 --out runs/ta).")
-    weights = (args.teacher_weight, args.ta_weight, args.feature_weight)
-    for value, flag in zip(weights, ("--teacher-weight", "--ta-weight", "--feature-weight")):
-        check_number(value, flag, low=0)
-    if max(weights) == 0:
-        raise UsageError(f"--teacher-weight/--ta-weight/--feature-weight are {weights}: they must be "
-                         f">= 0 and not all 0.")
-
-
 def parse_feature_layers(text, student_depth, ta_depth):
     """'penultimate' or 's:t,...' -> [(student block, TA block)], increasing in both; raises UsageError."""
     if text == "penultimate":
         text = f"{student_depth - 1}:{ta_depth - 1}"
-    try:
-        pairs = [tuple(int(v) for v in pair.split(":")) for pair in text.split(",")]
-        assert all(len(pair) == 2 for pair in pairs)
-    except (ValueError, AssertionError):
-        raise UsageError(f"--feature-layers {text}: expected student:TA block pairs such as 4:11,2:4.")
-    for s, t in pairs:
-        if not (1 <= s <= student_depth and 1 <= t <= ta_depth):
-            raise UsageError(f"--feature-layers pair {s}:{t} is outside the student's blocks "
-                             f"1..{student_depth} or the TA's blocks 1..{ta_depth}.")
-    if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(pairs, pairs[1:])):
-        raise UsageError(f"--feature-layers {text}: pairs must increase in both the student's and the "
-                         f"TA's block (a {student_depth}-block student maps onto at most {ta_depth} "
-                         f"TA blocks, one each).")
-    return pairs
+    pairs = [distill.Method.numbers(pair, "--feature-layers", int, "2:4,4:11", ":") for pair in text.split(",")]
+    if any(len(pair) != 2 for pair in pairs):
+        raise UsageError(f"--feature-layers {text}: expected student:TA block pairs such as 2:4,4:11.")
+    distill.Method.check_blocks([s for s, _ in pairs], student_depth, "--feature-layers")
+    distill.Method.check_blocks([t for _, t in pairs], ta_depth, "--feature-layers", "the TA")
+    return [tuple(pair) for pair in pairs]
 
 
 def load_ta(path, device):
@@ -77,11 +43,42 @@ def load_ta(path, device):
     return ta.requires_grad_(False), cfg
 
 
-class TeachingAssistant(nn.Module):
+class TeachingAssistant(distill.Method):
     """The l1 and l2 terms. The TA is held outside the module tree (a plain attribute set through
     object.__setattr__) so that it is neither trained nor saved in every student checkpoint; only the
     expansions are weights of this module."""
+    name, title = "ta", "Teaching Assistant (paper appendix B.2, Table 3)"
     config_keys = ("ta_design", "teacher_weight", "ta_weight", "feature_weight", "feature_layers")
+
+    @staticmethod
+    def add_flags(g):
+        g.add_argument("--ta", help="the TA's checkpoint (distill.py's ckpt.pt; the paper's TA is (12,384,12))")
+        g.add_argument("--teacher-weight", type=float, default=0.0, help="l0: loss(x, x_hat) against the teacher")
+        g.add_argument("--ta-weight", type=float, default=1.0, help="l1: loss(x_TA, x_hat) against the TA's output")
+        g.add_argument("--feature-weight", type=float, default=0.0, help="l2: the feature terms")
+        g.add_argument("--feature-layers", default="penultimate", help="student:TA block pairs (1-based), e.g. "
+                       "4:11 or 2:4,4:11; 'penultimate' pairs the two penultimate blocks (the paper)")
+
+    @staticmethod
+    def check(args):
+        if not args.ta:
+            raise UsageError("ta.py needs --ta CKPT, the TA's checkpoint: train it first with distill.py "
+                             "(e.g. python distill.py --d 12 --w 384 --h 12 --out runs/ta).")
+        weights = (args.teacher_weight, args.ta_weight, args.feature_weight)
+        for value, flag in zip(weights, ("--teacher-weight", "--ta-weight", "--feature-weight")):
+            check_number(value, flag, low=0)
+        if max(weights) == 0:
+            raise UsageError(f"--teacher-weight/--ta-weight/--feature-weight are {weights}: they must be "
+                             f">= 0 and not all 0.")
+
+    @classmethod
+    def build(cls, args, device, loss_fn):
+        ta, ta_cfg = load_ta(args.ta, device)
+        args.ta_design = [ta_cfg["depth"], ta_cfg["width"], ta_cfg["heads"]]  # recorded in the config
+        pairs = parse_feature_layers(args.feature_layers, args.depth, ta.depth) if args.feature_weight else []
+        print(f"TA {args.ta}: design {tuple(args.ta_design)}, {ta_cfg.get('param_count', '?')} parameters; "
+              f"feature pairs (student:TA) {pairs or 'none'}")
+        return cls(ta, args.width, pairs, (args.teacher_weight, args.ta_weight, args.feature_weight), loss_fn)
 
     def __init__(self, ta, student_width, pairs, weights, loss_fn):
         super().__init__()
@@ -110,18 +107,12 @@ class TeachingAssistant(nn.Module):
         return total, {k: v.detach() for k, v in terms.items()}
 
 
-def make_extra(args, device, loss_fn):
-    ta, ta_cfg = load_ta(args.ta, device)
-    args.ta_design = [ta_cfg["depth"], ta_cfg["width"], ta_cfg["heads"]]  # recorded in the config
-    pairs = parse_feature_layers(args.feature_layers, args.depth, ta.depth) if args.feature_weight else []
-    print(f"TA {args.ta}: design {tuple(args.ta_design)}, {ta_cfg.get('param_count', '?')} parameters; "
-          f"feature pairs (student:TA) {pairs or 'none'}")
-    return TeachingAssistant(ta, args.width, pairs, (args.teacher_weight, args.ta_weight, args.feature_weight),
-                             loss_fn)
+def get_parser():
+    return distill.get_parser(TeachingAssistant)
 
 
 def main(argv=None):
-    return distill.main(argv, make_extra, get_parser(), check=check)
+    return distill.main(argv, TeachingAssistant)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,6 +164,30 @@ def test_edm_sigmas():
     s = data.edm_sigmas()
     assert len(s) == 19 and s[0] == 80 and abs(s[17] - 0.002) < 1e-12 and s[18] == 0
     assert (s[1:] < s[:-1]).all()
+    i = torch.arange(18, dtype=torch.float64)  # EDM eq. 5, written out here
+    assert torch.allclose(s[:18], (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, rtol=1e-12)
+
+
+def test_toy_teacher_follows_edm_algorithm_1():
+    """The sampler's trajectory, not only its end (the last step, Euler to sigma = 0, snaps to a training
+    image whatever came before): stopped at sigma 0.5, a wrong Heun weight or a skipped correction shows."""
+    bank, labels = data.draw_images(3, seed=2)
+    images = bank[labels == 5].flatten(1).double()
+    denoise = lambda x, sigma: data.exact_denoiser(x, sigma, images)  # noqa: E731
+    z = torch.randn(2, 3 * 32 * 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = [80.0, 10.0, 2.5, 0.5]
+    x = z * t[0]
+    for i in range(3):  # Karras et al. 2022, Algorithm 1, deterministic (no churn), written out here
+        d = (x - denoise(x, t[i])) / t[i]
+        x_euler = x + (t[i + 1] - t[i]) * d
+        x = x + (t[i + 1] - t[i]) * (0.5 * d + 0.5 * (x_euler - denoise(x_euler, t[i + 1])) / t[i + 1])
+    assert torch.allclose(data.heun_solve(z * t[0], torch.tensor(t, dtype=torch.float64), denoise), x, atol=1e-9)
+    # ... and teacher_sample is that solver over EDM's schedule, from x = 80 z
+    y = torch.tensor([5, 5])
+    sigmas = data.edm_sigmas(4)
+    expected = data.heun_solve(z * 80, sigmas, denoise).float().view(2, 3, 32, 32)
+    assert torch.allclose(data.teacher_sample(z.float().view(2, 3, 32, 32), y, bank, labels, steps=4), expected,
+                          atol=1e-5)
 
 
 def test_toy_pairs_are_cached_and_deterministic(cache, tmp_path):
@@ -366,6 +391,48 @@ def test_ctrl_c_saves_a_checkpoint(cache, tmp_path, stop):
     assert state["step"] >= 2 and "--resume" in out
 
 
+def test_distill_ema_after_known_updates():
+    assert [distill.ema_decay(s, 0.9999) for s in (0, 1, 8)] == [1 / 10, 2 / 11, 9 / 18]
+    assert distill.ema_decay(10 ** 6, 0.9999) == 0.9999 and distill.ema_decay(5, 0.3) == 0.3
+    model, ema = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    for m, v in ((model, 1.0), (ema, 0.0)):
+        torch.nn.init.constant_(m.weight, v)
+        torch.nn.init.constant_(m.bias, v)
+    distill.ema_update(ema, model, 0.9)  # 0.9 * 0 + 0.1 * 1
+    assert torch.allclose(ema.weight, torch.full((1, 2), 0.1))
+    torch.nn.init.constant_(model.weight, 3.0)
+    distill.ema_update(ema, model, 0.5)  # 0.5 * 0.1 + 0.5 * 3
+    assert torch.allclose(ema.weight, torch.full((1, 2), 1.55)) and torch.allclose(ema.bias, torch.tensor([0.55]))
+    assert model.weight.eq(3).all()  # the model is left alone
+
+
+def test_distill_batches_drop_labels_at_the_rate_asked():
+    n = 400
+    pairs = data.Pairs(torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone(),
+                       torch.arange(n) % 10, torch.zeros(n, 3, 32, 32))
+    args = SimpleNamespace(batch=100, seed=3, label_dropout=0.1)
+    dropped, seen = 0, []
+    for step in range(8):  # two epochs
+        z, y, _ = distill.batch_of_step(pairs, step, args)
+        index = z[:, 0, 0, 0].long()  # which pairs this batch holds
+        seen.append(index)
+        kept = y != dit.NUM_CLASSES
+        assert torch.equal(y[kept], index[kept] % 10)  # a label is either the pair's own or the null class
+        dropped += (~kept).sum().item()
+        again = distill.batch_of_step(pairs, step, args)[1]
+        assert torch.equal(again, y)  # seeded by (seed, step): a resume drops the same labels
+    assert 0.06 < dropped / 800 < 0.14  # 10% of 800 labels, binomial sd ~1%
+    assert torch.equal(torch.cat(seen[:4]).sort().values, torch.arange(n))  # an epoch is a permutation
+    assert not torch.equal(torch.cat(seen[:4]), torch.cat(seen[4:]))  # reshuffled every epoch
+    for rate, expected in ((0.0, 0), (1.0, 100)):
+        y = distill.batch_of_step(pairs, 0, SimpleNamespace(batch=100, seed=3, label_dropout=rate))[1]
+        assert (y == dit.NUM_CLASSES).sum() == expected
+    halves = [distill.batch_of_step(pairs, 5, args, rank, 2) for rank in (0, 1)]  # DDP: ranks split the batch
+    whole = distill.batch_of_step(pairs, 5, args)
+    for a, b in zip(whole, (torch.cat(t) for t in zip(*halves))):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # sample.py
 
@@ -391,18 +458,18 @@ def test_mi1_trajectory_targets():
     z, x0 = torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     assert torch.equal(mi1.trajectory_point(z, x0, 0), x0)
     assert torch.allclose(mi1.trajectory_point(z, x0, 1), 80 * z / math.sqrt(1 + 80 ** 2), atol=1e-5)
-    sigmas = mi1.sigma(torch.linspace(0, 1, 101, dtype=torch.float64))
+    sigmas = data.rho_schedule(torch.linspace(0, 1, 101, dtype=torch.float64))
     assert (sigmas.diff() > 0).all() and math.isclose(sigmas[0], 0.002) and math.isclose(sigmas[-1], 80)
     # mid-way: sigma is the 7th power of the mean of the end points' 7th roots, and x(t) the VP mix
     s = ((0.002 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
-    assert math.isclose(mi1.sigma(0.5), s) and 2.5 < s < 2.53
+    assert math.isclose(data.rho_schedule(0.5), s) and 2.5 < s < 2.53
     eps = z - x0 / 80
     mix = x0 / math.sqrt(1 + s * s) + s / math.sqrt(1 + s * s) * eps
     assert torch.allclose(mi1.trajectory_point(z, x0, 0.5), mix, atol=1e-6)
     # --sigma-min moves the schedule's image end (the paper's printed 0.02), not its noise end
     s02 = ((0.02 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
-    assert math.isclose(mi1.sigma(0.0, 0.02), 0.02) and math.isclose(mi1.sigma(1.0, 0.02), 80)
-    assert math.isclose(mi1.sigma(0.5, 0.02), s02) and s02 > s
+    assert math.isclose(data.rho_schedule(0.0, 0.02), 0.02) and math.isclose(data.rho_schedule(1.0, 0.02), 80)
+    assert math.isclose(data.rho_schedule(0.5, 0.02), s02) and s02 > s
     mix02 = (x0 + s02 * eps) / math.sqrt(1 + s02 * s02)
     assert torch.allclose(mi1.trajectory_point(z, x0, 0.5, sigma_min=0.02), mix02, atol=1e-6)
 
