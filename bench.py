@@ -1,11 +1,11 @@
 """
-Latency and throughput of DiT-Nano generators on CPU, CUDA (incl. Jetson) and MPS, the paper's
-design-space sweep (Tables 2, 5, 6) and its size / quality / speed trade-off plot (Figure 4).
+Latency and throughput of DiT-Nano generators on CPU, CUDA (incl. Jetson) and MPS, and the paper's
+design-space sweep (Tables 2, 5, 6): every design timed (study.py joins quality and draws Figure 4).
 
     python bench.py --d 7 --w 192 --h 12                # 50k images at batch 128, CFG 1.5 and 1, default modes
     python bench.py --params 5M --modes bf16-weights+lut+compile+graph   # the fastest CUDA mode alone
     python bench.py --ckpt runs/d5w64h8_l2/ckpt.pt --device cpu --threads 2 --n 1024
-    python bench.py --sweep --results 'runs/*/results.json' --sweep-out sweep.md --plot tradeoff.png
+    python bench.py --sweep --json sweep.json           # Table 6's designs; then python study.py --timings sweep.json
     python bench.py --params 5M --onnx dit5m.onnx       # Jetson: export, then time it with the printed trtexec
 
     from bench import latency
@@ -20,11 +20,9 @@ generates all n images batch by batch (noise drawn on the device); CUDA is timed
 """
 import contextlib
 import copy
-import glob
 import importlib.util
 import inspect
 import itertools
-import json
 import math
 import os
 import statistics
@@ -38,7 +36,7 @@ import torch.nn as nn
 import dit
 import sample
 from common import (UsageError, check_number, compile_problem, exit_on_usage_error, hardware, pick_device,
-                    positive_ints, writable_dir, writable_file, write_json)
+                    positive_ints, writable_file, write_json)
 
 
 def get_parser():
@@ -58,15 +56,11 @@ def get_parser():
     g.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the random weights and the noise")
-    g.add_argument("--json", help="also write every measurement as a JSON list to this file")
+    g.add_argument("--json", help="also write every measurement as a JSON list to this file (study.py reads a "
+                   "--sweep's)")
     g = p.add_argument_group("design-space sweep (Tables 2 and 6, Figure 4)")
     g.add_argument("--sweep", action="store_true", help="time every design of Table 6 (Table 2's rows included)")
     g.add_argument("--designs", nargs="+", help="time these D,W,H designs instead of Table 6's, e.g. 5,64,8 7,128,8")
-    g.add_argument("--results", nargs="+", help="results.json files or globs (distill.py, fid.py): adds quality")
-    g.add_argument("--sweep-out", default="sweep.md", help="Markdown table the sweep writes")
-    g.add_argument("--plot", default="tradeoff.png", help="PNG of Figure 4's three panels the sweep draws")
-    g.add_argument("--runs-out", help="write each --results run's record plus its design's latency to this "
-                                      "folder as RUN.json (study.sh's per-run results)")
     g = p.add_argument_group("Jetson / TensorRT")
     g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
                    "and print the trtexec command that times it; nothing else is timed")
@@ -383,6 +377,7 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
     compute_dtype = precision.autocast or precision.weights or torch.float32
     return {"mode": mode.name, "cfg_scale": cfg_scale, "design": [model.depth, model.width, model.heads],
             "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": hardware(device),
+            "torch": torch.__version__,
             "n": n, "batch": batch, "batches": batches, "repeats": repeats, "seconds": median,
             "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": n / median,
             "ms_per_batch": median / batches * 1e3, "gflop_per_image": flops / 1e9,
@@ -428,158 +423,27 @@ def trtexec_command(path, precision="fp16"):
 
 
 # ----------------------------------------------------------------------------------------------
-# The design-space sweep and Figure 4
-
-def load_results(patterns):
-    """results.json files (globs allowed) -> [(path, record)]; a record needs 'design': [d, w, h]."""
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UsageError(f"--results {pattern} matches no file; pass results.json files or a quoted glob.")
-        paths += matches
-    records = []
-    for path in paths:
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            record["design"] = [int(v) for v in record["design"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"cannot read {path} as a results file ({type(e).__name__}: {e}); expected the "
-                             f"results.json that distill.py or fid.py write (it has 'design': [d, w, h]).")
-        records.append((path, record))
-    return records
-
-
-def quality_of(records):
-    """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
-    of their held-out PSNR, else the paper's Table 6 FID. Only runs of the most common loss and method are
-    averaged, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
-    if not records:
-        return "FID (paper, Table 6)", {(r.depth, r.width, r.heads): r.fid for r in TABLE6}
-    setups = [(r.get("loss"), r.get("method")) for _, r in records]
-    common = max(setups, key=setups.count)  # a tie goes to the first run's setup, so the order of --results decides
-    chosen = [r for (_, r), setup in zip(records, setups) if setup == common]
-    use_fid = any(r.get("fid") is not None for r in chosen)
-    values = {}
-    for r in chosen:
-        value = r.get("fid") if use_fid else r.get("ema", {}).get("psnr")
-        if value is not None:
-            values.setdefault(tuple(r["design"]), []).append(value)
-    label = "FID (runs; lower is better)" if use_fid else "held-out PSNR dB (runs)"
-    return label, {d: statistics.mean(v) for d, v in values.items()}
-
-
-def write_run_records(records, rows, folder):
-    """The study's record of each run: its results.json plus the latency this sweep measured for its design
-    (the first mode), as FOLDER/<run folder name>.json."""
-    os.makedirs(folder, exist_ok=True)
-    timed_rows = {}
-    for row in rows:
-        timed_rows.setdefault(tuple(row["design"]), row)
-    keys = ("mode", "device", "hardware", "batch", "cfg_scale", "n", "extrapolated", "images_per_s",
-            "seconds_per_50k", "gflop_per_image")
-    for path, record in records:
-        row = timed_rows[tuple(record["design"])]
-        run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-        latency_record = {k: row[k] for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"],
-                                                       "torch": torch.__version__}
-        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record})
-
-
-def family(depth, width):
-    """Figure 4's groups by the depth rule d ~ floor(log2 w) (or one less): deeper is 'deep', shallower 'wide'."""
-    rule = int(math.log2(width))
-    return "deep" if depth > rule else "wide" if depth < rule - 1 else "rule"
-
-
-def sweep_table(rows, quality_label, quality, n, runs):
-    """Markdown: a row per design and mode; the runs' quality column only when --results gave one."""
-    est = "extrapolated" if n != PER_50K else "measured"
-    lines = [f"| design (d,w,h) | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
-             f"paper Jetson s | paper FID |" + (f" {quality_label} |" if runs else ""), "|" + " --- |" * (9 + runs)]
-
-    def cell(value):
-        return "" if value is None else f"{value:.2f}"
-    for r in rows:
-        d = tuple(r["design"])
-        lines.append(f"| ({d[0]},{d[1]},{d[2]}) | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
-                     f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
-                     f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
-                     + (f" {cell(quality.get(d))} |" if runs else ""))
-    return "\n".join(lines)
-
-
-def plot_tradeoff(rows, quality_label, quality, path):
-    """Figure 4: (a) params vs quality, (b) params vs latency per 50k (the paper's Jetson latencies hollow),
-    (c) latency vs quality with marker area proportional to params: the three-way trade-off. One PNG, Agg."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
-    groups = {"wide": ("s", "wide (d < log2 w - 1)"), "rule": ("o", "rule depth (d ~ log2 w)"),
-              "deep": ("^", "deep (d > log2 w)")}
-    for (group, (marker, label)), colour in zip(groups.items(), ("C0", "C1", "C2")):
-        rs = [r for r in rows if family(*r["design"][:2]) == group]
-        rq = [r for r in rs if tuple(r["design"]) in quality]
-        a.scatter([r["params"] / 1e6 for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
-                  color=colour, label=label if rq else None)  # no legend entry for an empty group
-        b.scatter([r["params"] / 1e6 for r in rs], [r["seconds_per_50k"] for r in rs], marker=marker, color=colour,
-                  label=label if rs else None)
-        jetson = [r for r in rs if r["jetson_s"]]
-        b.scatter([r["params"] / 1e6 for r in jetson], [r["jetson_s"] for r in jetson], marker=marker,
-                  facecolors="none", edgecolors=colour, label=f"{group}, paper's Jetson Orin" if jetson else None)
-        c.scatter([r["seconds_per_50k"] for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
-                  s=[20 + 30 * r["params"] / 1e6 for r in rq], color=colour, label=label if rq else None)
-        for r in rq:
-            c.annotate("%d,%d,%d" % tuple(r["design"]), (r["seconds_per_50k"], quality[tuple(r["design"])]),
-                       fontsize=6, xytext=(3, 3), textcoords="offset points")
-    latency_label = "s per 50k images" + (" (extrapolated)" if any(r["extrapolated"] for r in rows) else "")
-    a.set(xlabel="parameters (M)", ylabel=quality_label, title="(a) size vs quality")
-    b.set(xlabel="parameters (M)", ylabel=latency_label, title="(b) size vs latency (hollow: paper, Jetson)")
-    c.set(xlabel=latency_label, ylabel=quality_label, title="(c) trade-off (area ~ params)")
-    for ax in (a, b, c):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"{rows[0]['hardware']}, {rows[0]['mode']}, batch {rows[0]['batch']}, CFG {rows[0]['cfg_scale']}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
+# The design-space sweep: every design timed (study.py adds quality and draws Figure 4)
 
 def sweep(args, device, modes):
-    """Every design (Table 6's, or --designs, plus any in --results) in every mode -> rows; writes the
-    Markdown table and the plot."""
-    records = load_results(args.results) if args.results else []
-    run_designs = {tuple(r["design"]) for _, r in records}
+    """Every design (Table 6's, or --designs) in every mode -> rows (latency's dict plus the design's name and
+    the paper's Jetson latency and FID), one printed line each."""
     paper = {(r.depth, r.width, r.heads): r for r in TABLE6}
     chosen = [parse_design(text) for text in args.designs] if args.designs else list(paper)
-    chosen += [d for d in sorted(run_designs) if d not in chosen]  # the runs' own designs, timed too
-    designs = [paper.get(d, PaperRow("run" if d in run_designs else "", "", *d, None, None)) for d in chosen]
     cfg_scale = (args.cfg_scale or [sample.PAPER_CFG])[0]  # random weights: class-conditional, the paper's CFG
+    print(f"{hardware(device)}, torch {torch.__version__}; {args.n:,} images per design at batch {args.batch}, "
+          f"CFG {cfg_scale:g}, median of {args.repeats}; s per 50k = 50,000 / img/s"
+          f"{' (extrapolated)' if args.n != PER_50K else ''}")
     rows = []
-    for design in designs:
+    for d in chosen:
+        design = paper.get(d, PaperRow("", "", *d, None, None))
         for mode in modes:
-            r = latency((design.depth, design.width, design.heads), args.n, args.batch, mode, cfg_scale,
-                        device, args.repeats, args.warmup, args.compile_mode, args.seed)
+            r = latency(d, args.n, args.batch, mode, cfg_scale, device, args.repeats, args.warmup, args.compile_mode,
+                        args.seed)
             rows.append(dict(r, name=f"{design.budget} {design.name}".strip(), jetson_s=design.jetson_s,
                              paper_fid=design.fid))
-            print(f"({design.depth},{design.width},{design.heads}) {mode}: {r['images_per_s']:,.1f} img/s, "
-                  f"{r['seconds_per_50k']:,.1f} s per 50k{' (extrapolated)' if r['extrapolated'] else ''}",
-                  flush=True)
-    quality_label, quality = quality_of(records)
-    table = sweep_table(rows, quality_label, quality, args.n, bool(records))
-    with open(args.sweep_out, "w") as f:
-        f.write(f"{rows[0]['hardware']}, torch {torch.__version__}; {args.n:,} images per design at batch "
-                f"{args.batch}, CFG {cfg_scale:g}, median of {args.repeats}; "
-                f"s per 50k = 50,000 / measured img/s{' (~: extrapolated)' if args.n != PER_50K else ''}.\n\n"
-                f"{table}\n")
-    plot_tradeoff([r for r in rows if r["mode"] == modes[0]], quality_label, quality, args.plot)  # one mode
-    print(f"\n{table}\n\nwrote {args.sweep_out} and {args.plot}")
-    if args.runs_out:
-        write_run_records(records, rows, args.runs_out)
-        print(f"wrote {len(records)} run records (results + latency) to {args.runs_out}/")
+            print(f"({d[0]},{d[1]},{d[2]}) {mode}: {r['images_per_s']:,.1f} img/s, {r['seconds_per_50k']:,.1f} s per "
+                  f"50k" + (f" (paper, Jetson Orin: {design.jetson_s} s)" if design.jetson_s else ""), flush=True)
     return rows
 
 
@@ -618,16 +482,7 @@ def check_args(args, device):
     check_number(args.seed, "--seed", low=0, integer=True)
     for scale in args.cfg_scale or []:
         check_number(scale, "--cfg-scale", low=0)
-    if args.runs_out and not (args.sweep and args.results):
-        raise UsageError("--runs-out writes the --results runs with their latency: use it with --sweep --results.")
-    outputs = [(args.json, "--json"), (args.onnx, "--onnx")]
-    if args.sweep:
-        outputs += [(args.sweep_out, "--sweep-out"), (args.plot, "--plot")]
-        if os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
-            raise UsageError(f"--plot {args.plot}: write the figure as .png, .pdf, .svg or .jpg.")
-        if args.runs_out:
-            writable_dir(args.runs_out, "--runs-out")
-    for path, flag in outputs:
+    for path, flag in ((args.json, "--json"), (args.onnx, "--onnx")):
         if path:
             writable_file(path, flag)
     if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep times fewer and extrapolates

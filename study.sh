@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's design-space study (section 3.2: Tables 1, 2, 6, Figures 3 and 4) rerun on the toy teacher:
 # every design distilled at one budget (same steps, batch and seed), then bench.py times each design and
-# writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
+# study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
 #   bash study.sh            # 26 runs of 300 steps x batch 32, then the timing: ~1.5 h on 2 CPU cores
 #   WITH_5M=1 bash study.sh  # + Table 6's three 5M designs: the README's numbers, ~2 h on 2 CPU cores
@@ -93,6 +93,7 @@ for r in "${RUNS[@]}"; do
 done
 mkdir -p "$RESULTS"
 "$PYTHON" bench.py --sweep --device "$BENCH_DEVICE" --modes "$BENCH_MODES" --n "$BENCH_N" --repeats 3 --warmup 1 \
-  --designs $(printf '%s\n' "${designs[@]}" | awk '!seen[$0]++') --results "${results[@]}" \
+  --designs $(printf '%s\n' "${designs[@]}" | awk '!seen[$0]++') --json "$OUT/timings.json"
+"$PYTHON" study.py --timings "$OUT/timings.json" --results "${results[@]}" \
   --sweep-out "$RESULTS/sweep.md" --plot "$RESULTS/tradeoff.png" --runs-out "$RESULTS"
 echo "study: done in $(( ($(date +%s) - start) / 60 )) min; results in $RESULTS/"

@@ -36,6 +36,7 @@ import distill
 import fid
 import mi1
 import sample
+import study
 import ta
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -684,23 +685,40 @@ def test_onnx_cli_prints_trtexec(tmp_path, capsys):
     assert os.path.getsize(path) > 0 and f"trtexec --onnx={path}" in out and "max error" in out
 
 
-def test_sweep_has_a_row_per_design(tmp_path, capsys):
-    results = tmp_path / "run1"
-    results.mkdir()
-    (results / "results.json").write_text(json.dumps({"design": [5, 64, 8], "fid": 30.5, "ema": {"psnr": 14.0}}))
-    (tmp_path / "other.json").write_text(json.dumps({"design": [2, 32, 4], "fid": 60.0, "ema": {"psnr": 11.0}}))
-    out, plot = tmp_path / "sweep.md", tmp_path / "fig.png"
+def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys):
+    timings = tmp_path / "sweep.json"
     rows = bench.main(["--sweep", "--device", "cpu", "--n", "2", "--batch", "2", "--repeats", "1", "--warmup", "0",
-                       "--modes", "lut", "--sweep-out", str(out), "--plot", str(plot),
-                       "--results", str(tmp_path / "run*" / "results.json"), str(tmp_path / "other.json")])
+                       "--modes", "lut", "--json", str(timings)])
+    expected = [(r.depth, r.width, r.heads) for r in bench.TABLE6]
+    assert [tuple(r["design"]) for r in rows] == expected and json.loads(timings.read_text()) == rows
+    assert rows[3]["name"] == "0.42M proposed" and rows[3]["jetson_s"] == 198.7 and rows[3]["paper_fid"] == 29.14
+    # study.py: the timings alone -> the paper's FIDs as quality; with runs -> the runs' FIDs
+    out, plot = tmp_path / "sweep.md", tmp_path / "fig.png"
+    study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(plot)])
     table = out.read_text()
-    expected = [(r.depth, r.width, r.heads) for r in bench.TABLE6] + [(2, 32, 4)]  # + the run's own design
-    assert [tuple(r["design"]) for r in rows] == expected
     for d, w, h in expected:
         assert table.count(f"| ({d},{w},{h}) |") == 1
-    assert "extrapolated" in table and "FID (runs" in table
-    assert "| (5,64,8) | 0.42M proposed | 421,068 |" in table and "| 30.50 |" in table and "| 60.00 |" in table
+    assert "extrapolated" in table and "paper FID" in table and "FID (runs" not in table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = tmp_path / "run1"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"design": [5, 64, 8], "fid": 30.5, "ema": {"psnr": 14.0}}))
+    (tmp_path / "other.json").write_text(json.dumps({"design": [2, 96, 8], "fid": 60.0, "ema": {"psnr": 11.0}}))
+    study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(plot), "--runs-out",
+                str(tmp_path / "records"), "--results", str(tmp_path / "run*" / "results.json"),
+                str(tmp_path / "other.json")])
+    table = out.read_text()
+    assert "FID (runs" in table and "| (5,64,8) | 0.42M proposed | 421,068 |" in table
+    assert "| 30.50 |" in table and "| 60.00 |" in table
+    record = json.loads((tmp_path / "records" / "run1.json").read_text())
+    assert record["fid"] == 30.5 and record["latency"]["images_per_s"] == rows[3]["images_per_s"]
+    (tmp_path / "untimed.json").write_text(json.dumps({"design": [3, 48, 4], "ema": {"psnr": 11.0}}))
+    for argv, phrase in ((["--results", str(tmp_path / "untimed.json")], "no latency for the runs' designs 3,48,4"),
+                         (["--results", str(tmp_path / "none*.json")], "matches no file"),
+                         (["--runs-out", str(tmp_path / "r")], "give --results too")):
+        with pytest.raises(SystemExit) as stop:
+            study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(plot), *argv])
+        assert stop.value.code == 2 and phrase in capsys.readouterr().err
 
 
 def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
@@ -756,8 +774,6 @@ def test_compile_mode_defaults_and_graph_conflict():
     (["--modes", "bf16-weights", "--device", "cpu"], "need the LUT fold"),
     (["--d", "5", "--w", "60", "--h", "8", "--device", "cpu"], "not divisible by heads"),
     (["--ckpt", "missing.pt", "--device", "cpu"], "no checkpoint at missing.pt"),
-    (["--sweep", "--device", "cpu", "--results", "nothing/*.json"], "matches no file"),
-    (["--device", "cpu", "--runs-out", "x"], "use it with --sweep --results"),
 ])
 def test_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
@@ -1169,7 +1185,7 @@ def test_distill_fid_every_records_fid_in_results(cache, world, tmp_path, capsys
 # Bad input, by class of error, for every script: one paragraph, exit code 2, no traceback, no file damaged
 
 SCRIPTS = {"dit": dit.main, "data": data.main, "distill": distill.main, "ta": ta.main, "mi1": mi1.main,
-           "sample": sample.main, "fid": fid.main, "bench": bench.main}
+           "sample": sample.main, "fid": fid.main, "bench": bench.main, "study": study.main}
 
 
 def assert_refused(script, argv, phrase, capsys):
@@ -1258,8 +1274,10 @@ def good_files(world, ta_ckpt, tmp_path_factory):
     alex = torchvision.models.alexnet(weights=None).features.state_dict()
     torch.save({"features." + k: v for k, v in alex.items()}, d / "alexnet-owt-7be5be79.pth")
     write_get_folder(d / "get")
+    bench.main(["--sweep", "--designs", "1,16,2", "--modes", "lut", *FAST, "--json", str(d / "timings.json")])
     return dict(ckpt=ta_ckpt, npz=world["npz"], inception=world["weights"], ref=str(d / "ref.npz"),
                 cifar=world["cifar"], png=str(d / "a.png"), results=str(d / "results.json"),
+                timings=str(d / "timings.json"),
                 alex=str(d / "alexnet-owt-7be5be79.pth"), get_image=str(d / "get" / "image" / "000000000.pkl"))
 
 
@@ -1279,8 +1297,11 @@ def file_targets(good, cache, out):
         "fid --cifar": ("fid", "cifar", "ckpt", lambda p: ["--npz", good["npz"], "--inception", good["inception"],
                                                             "--cifar", p, *fidflags]),
         "bench --ckpt": ("bench", "ckpt", "npz", lambda p: ["--ckpt", p, *FAST]),
-        "bench --results": ("bench", "results", "ckpt", lambda p: ["--sweep", "--results", p, "--designs", "1,16,2",
-                                                                    "--modes", "lut", *FAST]),
+        "study --results": ("study", "results", "ckpt", lambda p: ["--timings", good["timings"], "--results", p,
+                                                                    "--sweep-out", str(out / "s.md"), "--plot",
+                                                                    str(out / "p.png")]),
+        "study --timings": ("study", "timings", "results", lambda p: ["--timings", p, "--sweep-out",
+                                                                      str(out / "s.md"), "--plot", str(out / "p.png")]),
         "ta --ta": ("ta", "ckpt", "npz", lambda p: toy + ["--ta", p]),
         "distill --lpips-backbone": ("distill", "alex", "npz", lambda p: toy + ["--loss", "lpips", "--lpips-net",
                                                                               "alex", "--lpips-backbone", p]),
@@ -1290,7 +1311,8 @@ def file_targets(good, cache, out):
 
 
 @pytest.mark.parametrize("target", ["sample --ckpt", "fid --ckpt", "fid --npz", "fid --images", "fid --inception",
-                                    "fid --ref", "fid --cifar", "bench --ckpt", "bench --results", "ta --ta",
+                                    "fid --ref", "fid --cifar", "bench --ckpt", "study --results", "study --timings",
+                                    "ta --ta",
                                     "distill --lpips-backbone", "data --data", "distill --resume"])
 def test_unreadable_input_files_are_refused(target, good_files, cache, tmp_path, monkeypatch, capsys):
     """Missing, empty, truncated, random, a folder, or another kind of file: each named in one message, exit
@@ -1341,10 +1363,10 @@ def test_unwritable_outputs_are_refused_before_any_work(cache, good_files, tmp_p
         ("fid", ["--npz", good_files["npz"], "--json", under + "/r.json"], "--json"),
         ("bench", FAST + ["--d", "1", "--w", "16", "--json", under + "/b.json"], "--json"),
         ("bench", FAST + ["--d", "1", "--w", "16", "--onnx", under + "/m.onnx"], "--onnx"),
-        ("bench", FAST + ["--sweep", "--modes", "lut", "--sweep-out", under + "/s.md"], "--sweep-out"),
-        ("bench", FAST + ["--sweep", "--modes", "lut", "--plot", str(tmp_path / "p.txt")], "--plot"),
-        ("bench", FAST + ["--sweep", "--modes", "lut", "--results", good_files["results"], "--runs-out",
-                          str(blocker)], "--runs-out"),
+        ("study", ["--timings", good_files["timings"], "--sweep-out", under + "/s.md"], "--sweep-out"),
+        ("study", ["--timings", good_files["timings"], "--plot", str(tmp_path / "p.txt")], "--plot"),
+        ("study", ["--timings", good_files["timings"], "--results", good_files["results"], "--runs-out",
+                   str(blocker)], "--runs-out"),
     ]
     for script, argv, phrase in cases:
         assert_refused(script, argv, phrase, capsys)

@@ -1,0 +1,205 @@
+"""
+The design-space study's report (paper section 3.2, Figure 4): a design sweep's latencies (bench.py --sweep
+--json) joined with each run's quality (distill.py's or fid.py's results.json) -> the sweep table, Figure 4's
+three panels and, for study.sh, one record per run (its results plus its design's latency).
+
+    python bench.py --sweep --n 256 --json sweep.json && python study.py --timings sweep.json   # paper's FIDs
+    python study.py --timings sweep.json --results 'runs/*/results.json' --plot tradeoff.png    # the runs'
+    bash study.sh                          # the toy study: trains every design, times them, then calls this
+
+Quality: the runs' FID when any has one, else their held-out PSNR against the teacher; without --results,
+the paper's Table 6 FID beside our latency. Every run's design must be among the sweep's.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+
+from common import UsageError, exit_on_usage_error, writable_dir, writable_file, write_json
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--timings", required=True, help="the JSON list that bench.py --sweep --json wrote")
+    p.add_argument("--results", nargs="+", help="results.json files or quoted globs (distill.py, fid.py)")
+    p.add_argument("--sweep-out", default="sweep.md", help="the Markdown table to write")
+    p.add_argument("--plot", default="tradeoff.png", help="Figure 4's three panels (.png, .pdf, .svg or .jpg)")
+    p.add_argument("--runs-out", help="write each --results run's record plus its design's latency to this "
+                   "folder as RUN.json (the folder name of its results.json)")
+    return p
+
+
+def load_timings(path):
+    """bench.py --sweep --json's list of rows -> rows; UsageError if it is not one."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+        assert isinstance(rows, list) and rows and all("design" in r and "seconds_per_50k" in r for r in rows)
+    except (OSError, ValueError, AssertionError) as e:
+        raise UsageError(f"--timings {path} is not a sweep's timings ({type(e).__name__}: {str(e)[:200]}); write "
+                         f"it with python bench.py --sweep --json {path}.")
+    for r in rows:
+        r["design"] = [int(v) for v in r["design"]]
+        r.setdefault("name", "")
+        r.setdefault("jetson_s", None)
+        r.setdefault("paper_fid", None)
+    return rows
+
+
+def load_results(patterns):
+    """results.json files (globs allowed) -> [(path, record)]; a record needs 'design': [d, w, h]."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UsageError(f"--results {pattern} matches no file; pass results.json files or a quoted glob.")
+        paths += matches
+    records = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            record["design"] = [int(v) for v in record["design"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"cannot read {path} as a results file ({type(e).__name__}: {e}); expected the "
+                             f"results.json that distill.py or fid.py write (it has 'design': [d, w, h]).")
+        records.append((path, record))
+    return records
+
+
+def quality_of(records, rows):
+    """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
+    of their held-out PSNR, else the paper's Table 6 FID. Only runs of the most common loss and method are
+    averaged, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
+    if not records:
+        return "FID (paper, Table 6)", {tuple(r["design"]): r["paper_fid"] for r in rows if r["paper_fid"]}
+    setups = [(r.get("loss"), r.get("method")) for _, r in records]
+    common = max(setups, key=setups.count)  # a tie goes to the first run's setup, so the order of --results decides
+    chosen = [r for (_, r), setup in zip(records, setups) if setup == common]
+    use_fid = any(r.get("fid") is not None for r in chosen)
+    values = {}
+    for r in chosen:
+        value = r.get("fid") if use_fid else r.get("ema", {}).get("psnr")
+        if value is not None:
+            values.setdefault(tuple(r["design"]), []).append(value)
+    label = "FID (runs; lower is better)" if use_fid else "held-out PSNR dB (runs)"
+    return label, {d: statistics.mean(v) for d, v in values.items()}
+
+
+def write_run_records(records, rows, folder):
+    """The study's record of each run: its results.json plus the latency this sweep measured for its design
+    (the first mode), as FOLDER/<run folder name>.json."""
+    os.makedirs(folder, exist_ok=True)
+    timed_rows = {}
+    for row in rows:
+        timed_rows.setdefault(tuple(row["design"]), row)
+    keys = ("mode", "device", "hardware", "batch", "cfg_scale", "n", "extrapolated", "images_per_s",
+            "seconds_per_50k", "gflop_per_image", "torch")
+    for path, record in records:
+        row = timed_rows[tuple(record["design"])]
+        run = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        latency_record = {k: row.get(k) for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"]}
+        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record})
+
+
+def family(depth, width):
+    """Figure 4's groups by the depth rule d ~ floor(log2 w) (or one less): deeper is 'deep', shallower 'wide'."""
+    rule = int(math.log2(width))
+    return "deep" if depth > rule else "wide" if depth < rule - 1 else "rule"
+
+
+def sweep_table(rows, quality_label, quality, runs):
+    """Markdown: a row per design and mode; the runs' quality column only when --results gave one."""
+    est = "extrapolated" if rows[0]["extrapolated"] else "measured"
+    lines = [f"| design (d,w,h) | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
+             f"paper Jetson s | paper FID |" + (f" {quality_label} |" if runs else ""), "|" + " --- |" * (9 + runs)]
+
+    def cell(value):
+        return "" if value is None else f"{value:.2f}"
+    for r in rows:
+        d = tuple(r["design"])
+        lines.append(f"| ({d[0]},{d[1]},{d[2]}) | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
+                     f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
+                     f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
+                     + (f" {cell(quality.get(d))} |" if runs else ""))
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows, quality_label, quality, path):
+    """Figure 4: (a) params vs quality, (b) params vs latency per 50k (the paper's Jetson latencies hollow),
+    (c) latency vs quality with marker area proportional to params: the three-way trade-off. One PNG, Agg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    groups = {"wide": ("s", "wide (d < log2 w - 1)"), "rule": ("o", "rule depth (d ~ log2 w)"),
+              "deep": ("^", "deep (d > log2 w)")}
+    for (group, (marker, label)), colour in zip(groups.items(), ("C0", "C1", "C2")):
+        rs = [r for r in rows if family(*r["design"][:2]) == group]
+        rq = [r for r in rs if tuple(r["design"]) in quality]
+        a.scatter([r["params"] / 1e6 for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
+                  color=colour, label=label if rq else None)  # no legend entry for an empty group
+        b.scatter([r["params"] / 1e6 for r in rs], [r["seconds_per_50k"] for r in rs], marker=marker, color=colour,
+                  label=label if rs else None)
+        jetson = [r for r in rs if r["jetson_s"]]
+        b.scatter([r["params"] / 1e6 for r in jetson], [r["jetson_s"] for r in jetson], marker=marker,
+                  facecolors="none", edgecolors=colour, label=f"{group}, paper's Jetson Orin" if jetson else None)
+        c.scatter([r["seconds_per_50k"] for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
+                  s=[20 + 30 * r["params"] / 1e6 for r in rq], color=colour, label=label if rq else None)
+        for r in rq:
+            c.annotate("%d,%d,%d" % tuple(r["design"]), (r["seconds_per_50k"], quality[tuple(r["design"])]),
+                       fontsize=6, xytext=(3, 3), textcoords="offset points")
+    latency_label = "s per 50k images" + (" (extrapolated)" if any(r["extrapolated"] for r in rows) else "")
+    a.set(xlabel="parameters (M)", ylabel=quality_label, title="(a) size vs quality")
+    b.set(xlabel="parameters (M)", ylabel=latency_label, title="(b) size vs latency (hollow: paper, Jetson)")
+    c.set(xlabel=latency_label, ylabel=quality_label, title="(c) trade-off (area ~ params)")
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{rows[0]['hardware']}, {rows[0]['mode']}, batch {rows[0]['batch']}, CFG {rows[0]['cfg_scale']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    with exit_on_usage_error():
+        if os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise UsageError(f"--plot {args.plot}: write the figure as .png, .pdf, .svg or .jpg.")
+        if args.runs_out and not args.results:
+            raise UsageError("--runs-out writes the --results runs with their latency: give --results too.")
+        writable_file(args.sweep_out, "--sweep-out")
+        writable_file(args.plot, "--plot")
+        if args.runs_out:
+            writable_dir(args.runs_out, "--runs-out")
+        rows = load_timings(args.timings)
+        records = load_results(args.results) if args.results else []
+        timed_designs = {tuple(r["design"]) for r in rows}
+        missing = sorted({tuple(r["design"]) for _, r in records} - timed_designs)
+        if missing:
+            raise UsageError(f"--timings {args.timings} has no latency for the runs' designs "
+                             f"{', '.join('%d,%d,%d' % d for d in missing)}; time them with python bench.py "
+                             f"--sweep --designs ... --json {args.timings}.")
+    first = rows[0]
+    quality_label, quality = quality_of(records, rows)
+    table = sweep_table(rows, quality_label, quality, bool(records))
+    header_and_table = (f"{first['hardware']}, torch {first.get('torch', '?')}; {first['n']:,} images per design at batch {first['batch']}, CFG "
+                       f"{first['cfg_scale']:g}, median of {first['repeats']}; s per 50k = 50,000 / measured img/s"
+                       f"{' (~: extrapolated)' if first['extrapolated'] else ''}.\n\n{table}\n")
+    with open(args.sweep_out, "w") as f:
+        f.write(header_and_table)
+    plot_tradeoff([r for r in rows if r["mode"] == first["mode"]], quality_label, quality, args.plot)  # one mode
+    print(f"{table}\n\nwrote {args.sweep_out} and {args.plot}")
+    if args.runs_out:
+        write_run_records(records, rows, args.runs_out)
+        print(f"wrote {len(records)} run records (results + latency) to {args.runs_out}/")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
