@@ -7,6 +7,7 @@ design-space sweep (Tables 2, 5, 6): every design timed (study.py joins quality 
     python bench.py --ckpt runs/d5w64h8_l2/ckpt.pt --device cpu --threads 2 --n 1024
     python bench.py --sweep --json sweep.json           # Table 6's designs; then python study.py --timings sweep.json
     python bench.py --params 5M --onnx dit5m.onnx       # Jetson: export, then time it with the printed trtexec
+    python bench.py --params 5M --train                 # distill.py's training step (LPIPS-VGG at 224): img/s
 
     from bench import latency
     r = latency((5, 64, 8), n=1024, batch=128, mode="lut", cfg_scale=1.5, device="cpu", repeats=3)
@@ -44,7 +45,8 @@ def get_parser():
     g.add_argument("--ckpt", help="time a trained checkpoint's EMA weights instead")
     g = p.add_argument_group("timing")
     g.add_argument("--n", type=int, help="images per repeat (default 50,000; a CPU --sweep: 256, extrapolated)")
-    g.add_argument("--batch", type=int, default=128, help="images per batch (paper 128; CFG runs 2x in one pass)")
+    g.add_argument("--batch", type=int, help="images per batch (sampling: 128, the paper's; CFG runs 2x in one pass. "
+                   "--train: 256, the paper's, on CUDA; 16 on a CPU)")
     g.add_argument("--cfg-scale", type=float, nargs="+", help="CFG scales to time (default: 1.5, the paper's, as "
                    "one fused 2B batch, and 1, one pass; only 1 for a --ckpt trained on unconditional pairs)")
     g.add_argument("--modes", help="comma-separated modes, e.g. fp32,bf16+lut,bf16-weights+lut+compile+graph "
@@ -61,6 +63,12 @@ def get_parser():
     g = p.add_argument_group("design-space sweep (Tables 2 and 6, Figure 4)")
     g.add_argument("--sweep", action="store_true", help="time every design of Table 6 (Table 2's rows included)")
     g.add_argument("--designs", nargs="+", help="time these D,W,H designs instead of Table 6's, e.g. 5,64,8 7,128,8")
+    g = p.add_argument_group("training throughput: distill.py's own step (forward, loss, backward, AdamW, EMA)")
+    g.add_argument("--train", action="store_true", help="time training steps of the design on random pairs instead "
+                   "of sampling; modes fp32, bf16 (autocast), each optionally +compile; --repeats steps are timed")
+    g.add_argument("--loss", choices=("l1", "l2", "lpips"), default="lpips", help="--train's loss (paper: lpips; its "
+                   "trunk has random weights here, which take the same time as trained ones)")
+    g.add_argument("--lpips-size", type=int, default=224, help="--train: LPIPS input size (GET: 224; 0 keeps 32)")
     g = p.add_argument_group("Jetson / TensorRT")
     g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
                    "and print the trtexec command that times it; nothing else is timed")
@@ -448,6 +456,61 @@ def sweep(args, device, modes):
 
 
 # ----------------------------------------------------------------------------------------------
+# Training throughput: distill.py's step, timed
+
+PAPER_PAIRS, PAPER_EPOCHS = 1_000_000, 100  # EDM-Cond-CIFAR's pairs, the paper's training length
+
+
+def train_throughput(args, device, modes):
+    """distill.train_step (the very step distill.py runs) on random pairs, per mode: median seconds per step
+    over --repeats steps after --warmup, images/s, and the time 100 epochs of 1M pairs would take."""
+    import distill  # only here: sampling benchmarks need no trainer
+    d, w, h = dit.resolve_design(args, default=dit.design("5M"))
+    print(f"training DiT(d={d}, w={w}, h={h}), {dit.param_count(d, w):,} parameters, loss {args.loss}"
+          + (f" at {args.lpips_size}x{args.lpips_size}" if args.loss == "lpips" and args.lpips_size else "")
+          + f"; {hardware(device)}, torch {torch.__version__}; batch {args.batch}, median of {args.repeats} steps "
+          f"after {args.warmup}")
+    print(f"\n| mode | s/step (min-max) | img/s | peak MiB | setup s | {PAPER_EPOCHS} epochs of {PAPER_PAIRS:,} "
+          f"pairs |\n|" + " --- |" * 6)
+    g = torch.Generator().manual_seed(args.seed)
+    z = torch.randn(args.batch, dit.CHANNELS, dit.IMG, dit.IMG, generator=g).to(device)
+    x = (torch.rand(args.batch, dit.CHANNELS, dit.IMG, dit.IMG, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, dit.NUM_CLASSES, (args.batch,), generator=g).to(device)
+    measured = []
+    for mode in modes:
+        flags = ["--d", str(d), "--w", str(w), "--h", str(h), "--loss", args.loss, "--lpips-size",
+                 str(args.lpips_size), "--lpips-backbone", "random", "--batch", str(args.batch), "--seed",
+                 str(args.seed), "--dtype", mode.split("+")[0]] + (["--compile"] if "+compile" in mode else [])
+        train_args = distill.resolve(distill.get_parser().parse_args(flags))
+        run = distill.build_student(train_args, device, distill.build_loss(train_args, device))
+        run.model.train()
+        step = iter(range(10 ** 9))
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):  # compile, allocator and autotuning happen here
+            loss = distill.train_step(run, z, y, x, next(step))[0]
+        synchronize(device)
+        setup_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(lambda: distill.train_step(run, z, y, x, next(step)), device, args.repeats)
+        loss = distill.train_step(run, z, y, x, next(step))[0].item()
+        if not math.isfinite(loss):
+            raise AccuracyError(f"mode {mode}: the training loss is {loss}; it was not timed.")
+        median = statistics.median(seconds)
+        r = {"mode": mode, "train": True, "design": [d, w, h], "params": dit.param_count(d, w), "loss": args.loss,
+             "lpips_size": args.lpips_size, "batch": args.batch, "device": str(device), "hardware": hardware(device),
+             "torch": torch.__version__, "repeats": args.repeats, "seconds_per_step": median,
+             "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": args.batch / median,
+             "peak_mib": peak_memory_mib(device), "setup_s": setup_s,
+             "paper_training_hours": PAPER_EPOCHS * PAPER_PAIRS / (args.batch / median) / 3600}
+        measured.append(r)
+        print(f"| {mode} | {median:.3f} ({min(seconds):.3f}-{max(seconds):.3f}) | {r['images_per_s']:,.1f} | "
+              f"{r['peak_mib']:.0f} | {setup_s:.1f} | {r['paper_training_hours']:,.1f} h |", flush=True)
+    print(f"\nthe last column: {PAPER_EPOCHS} x {PAPER_PAIRS:,} images at the measured img/s on this one device.")
+    return measured
+
+
+# ----------------------------------------------------------------------------------------------
 
 def parse_design(text):
     try:
@@ -485,6 +548,25 @@ def check_args(args, device):
     for path, flag in ((args.json, "--json"), (args.onnx, "--onnx")):
         if path:
             writable_file(path, flag)
+    if args.train:
+        if args.sweep or args.ckpt or args.onnx:
+            raise UsageError("--train times training steps of one design: use it without --sweep, --ckpt and --onnx.")
+        if args.lpips_size != 0:
+            check_number(args.lpips_size, "--lpips-size (0 keeps 32x32)", low=32, integer=True)
+        args.batch = args.batch or (256 if device.type == "cuda" else 16)
+        modes = (args.modes or ("fp32,bf16" if device.type != "mps" else "fp32")).split(",")
+        for mode in modes:
+            precision, *transforms = mode.split("+")
+            if precision not in ("fp32", "bf16") or transforms not in ([], ["compile"]):
+                raise UsageError(f"--train mode '{mode}': training modes are fp32 or bf16, each optionally "
+                                 f"+compile (e.g. --modes fp32,bf16+compile).")
+            if precision == "bf16" and device.type == "mps":
+                raise UsageError("--train mode bf16: bf16 autocast runs on CUDA and CPU only; use fp32 on MPS.")
+            problem = transforms and compile_problem(device)
+            if problem:
+                raise UsageError(f"--train mode {mode}: {problem}; choose modes without +compile.")
+        return modes
+    args.batch = args.batch or 128
     if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep times fewer and extrapolates
         args.n = 256 if args.sweep and device.type == "cpu" else PER_50K
     if args.modes:
@@ -545,7 +627,8 @@ def main(argv=None):
             modes = check_args(args, device)
             if args.threads:
                 torch.set_num_threads(args.threads)
-            measured = sweep(args, device, modes) if args.sweep else benchmark(args, device, modes)
+            measured = train_throughput(args, device, modes) if args.train else \
+                sweep(args, device, modes) if args.sweep else benchmark(args, device, modes)
     except AccuracyError as e:  # not the user's input: a mode that computes wrong images (exit 1)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

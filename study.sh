@@ -4,7 +4,7 @@
 # study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
 #   bash study.sh            # 26 runs of 300 steps x batch 32, then the timing: ~1.5 h on 2 CPU cores
-#   WITH_5M=1 bash study.sh  # + Table 6's three 5M designs: the README's numbers, ~2 h on 2 CPU cores
+#   WITH_5M=1 bash study.sh  # + Table 6's three 5M designs: RESULTS.md's numbers, ~2 h on 2 CPU cores
 #   STEPS=4000 BATCH=128 JOBS=8 WITH_5M=1 OUT=runs/study_gpu RESULTS=results/toy_gpu bash study.sh --toy-pairs 100000
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
@@ -48,11 +48,11 @@ done
 for dir in "$OUT" "$RESULTS"; do
   mkdir -p "$dir" 2>/dev/null && [ -w "$dir" ] || die "cannot write to the folder $dir; set OUT / RESULTS to a writable folder."
 done
-# Table 1's LPIPS row needs torchvision's VGG16 weights in the torch hub cache (README: LPIPS), never a download
+# Table 1's LPIPS row needs torchvision's VGG16 weights in the torch hub cache (README: weights and files for offline machines), never a download
 if "$PYTHON" -c "import sys, distill; sys.exit(distill.lpips_backbone_file('vgg', download=False) is None)"; then
   RUNS+=("5 64 8 lpips")
 else
-  echo "study: Table 1's LPIPS row skipped: vgg16-397923af.pth is not in the torch hub cache (README: LPIPS)"
+  echo "study: Table 1's LPIPS row skipped: vgg16-397923af.pth is not in the torch hub cache (README: weights and files for offline machines)"
 fi
 
 run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME unless it is finished

@@ -45,11 +45,12 @@ TINY = ["--d", "2", "--w", "32", "--h", "4"]  # 32k-parameter student for fast l
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """A private toy-pair cache: tests never touch data/ and share one small teacher run."""
+    """A private toy-pair cache: tests never touch data/ and share one small teacher run. Restored after."""
     d = str(tmp_path_factory.mktemp("toy_cache"))
-    data.CACHE_DIR = d
-    os.environ["DIT_NANO_CACHE"] = d  # for subprocesses
-    return d
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "CACHE_DIR", d)
+        mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses
+        yield d
 
 
 def toy_flags(cache):
@@ -76,14 +77,14 @@ def assert_clean_error(result, *phrases):
 
 @pytest.mark.parametrize("d,w,h,expected", [(5, 64, 8, 421_068), (7, 128, 8, 2_197_644), (7, 192, 12, 4_881_612),
                                             (1, 128, 8, None), (21, 32, 4, None), (3, 12, 3, None)])
-def test_parameter_count_matches_formula(d, w, h, expected):
+def test_dit_parameter_count_matches_formula(d, w, h, expected):
     counted = sum(p.numel() for p in dit.DiT(d, w, h).parameters())
     assert counted == dit.param_count(d, w)
     if expected:
         assert counted == expected
 
 
-def test_design_rules_give_papers_rows():
+def test_dit_design_rules_give_papers_rows():
     assert dit.design("0.42M") == (5, 64, 8)
     assert dit.design("2.2M") == (7, 128, 8)
     assert dit.design("5M") == (7, 192, 12)
@@ -105,7 +106,7 @@ def counted_flops(fn):
 
 @pytest.mark.parametrize("d,w,h", [(5, 64, 8), (2, 96, 8)])
 @pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
-def test_flop_count_matches_torch_counter(d, w, h, cfg_scale):
+def test_dit_flop_count_matches_torch_counter(d, w, h, cfg_scale):
     model, batch = bench.random_dit(d, w, h, seed=1), 3
     z, y = torch.randn(batch, 3, 32, 32), torch.arange(batch)
     cfg = cfg_scale != 1
@@ -114,7 +115,7 @@ def test_flop_count_matches_torch_counter(d, w, h, cfg_scale):
     assert dit.flops_per_image(d, w, cfg=True) == 2 * dit.flops_per_image(d, w)
 
 
-def test_forward_hidden_decode_and_cfg():
+def test_dit_forward_hidden_decode_and_cfg():
     torch.manual_seed(0)
     model = dit.DiT(3, 32, 4)
     for p in model.parameters():  # leave the zero init so outputs and gates are non-trivial
@@ -129,13 +130,13 @@ def test_forward_hidden_decode_and_cfg():
     assert torch.allclose(model.sample(z, y, cfg_scale=1.5), guided, atol=1e-5)
 
 
-def test_zero_init_outputs_zero():
+def test_dit_zero_init_outputs_zero():
     assert dit.DiT(2, 32, 4)(torch.randn(2, 3, 32, 32), torch.tensor([1, 2])).abs().max() == 0  # adaLN-Zero
 
 
 @pytest.mark.parametrize("d,w,h,phrase", [(5, 64, 7, "not divisible by heads"), (0, 64, 8, "depth 0"),
                                           (5, 66, 6, "multiple of 4"), (5, 2, 1, "multiple of 4")])
-def test_bad_shapes_raise_clear_errors(d, w, h, phrase):
+def test_dit_bad_shapes_raise_clear_errors(d, w, h, phrase):
     with pytest.raises(ValueError, match=phrase):
         dit.DiT(d, w, h)
 
@@ -143,7 +144,7 @@ def test_bad_shapes_raise_clear_errors(d, w, h, phrase):
 # ----------------------------------------------------------------------------------------------
 # data.py: toy teacher and GET layout
 
-def test_toy_teacher_is_exact():
+def test_data_toy_teacher_is_exact():
     bank, labels = data.draw_images(6, seed=1)
     assert bank.shape == (60, 3, 32, 32) and bank.min() >= -1 and bank.max() <= 1
     images = bank[labels == 4].flatten(1).double()
@@ -161,7 +162,7 @@ def test_toy_teacher_is_exact():
     assert (dist.min(1).values ** 2 / 3072).max() < 1e-4
 
 
-def test_edm_sigmas():
+def test_data_edm_sigmas():
     s = data.edm_sigmas()
     assert len(s) == 19 and s[0] == 80 and abs(s[17] - 0.002) < 1e-12 and s[18] == 0
     assert (s[1:] < s[:-1]).all()
@@ -169,7 +170,7 @@ def test_edm_sigmas():
     assert torch.allclose(s[:18], (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, rtol=1e-12)
 
 
-def test_toy_teacher_follows_edm_algorithm_1():
+def test_data_toy_teacher_follows_edm_algorithm_1():
     """The sampler's trajectory, not only its end (the last step, Euler to sigma = 0, snaps to a training
     image whatever came before): stopped at sigma 0.5, a wrong Heun weight or a skipped correction shows."""
     bank, labels = data.draw_images(3, seed=2)
@@ -191,7 +192,7 @@ def test_toy_teacher_follows_edm_algorithm_1():
                           atol=1e-5)
 
 
-def test_toy_pairs_are_cached_and_deterministic(cache, tmp_path):
+def test_data_toy_pairs_are_cached_and_deterministic(cache, tmp_path):
     a_train, a_held = data.load_toy(64, 8, per_class=4, seed=3, cache_dir=str(tmp_path))
     assert len(os.listdir(tmp_path)) == 1
     b_train, b_held = data.load_toy(64, 8, per_class=4, seed=3, cache_dir=str(tmp_path / "other"))
@@ -215,7 +216,7 @@ def write_get_folder(root, n_files=2, per_file=5, conditional=True, image_dtype=
 
 
 @pytest.mark.parametrize("conditional,image_dtype", [(True, torch.float32), (False, torch.float64)])
-def test_get_layout_loads_lazily(tmp_path, conditional, image_dtype):
+def test_data_get_layout_loads_lazily(tmp_path, conditional, image_dtype):
     root = write_get_folder(tmp_path / "pairs", conditional=conditional, image_dtype=image_dtype)
     train, held = data.load_pairs(str(root), heldout=3)
     assert len(train) == 7 and len(held) == 3
@@ -232,7 +233,7 @@ def test_get_layout_loads_lazily(tmp_path, conditional, image_dtype):
     assert torch.equal(hz[0], z1[2])  # held-out = the last pairs
 
 
-def test_get_layout_errors(tmp_path):
+def test_data_get_layout_errors(tmp_path):
     with pytest.raises(common.UsageError, match="is not a folder"):
         data.load_pairs(str(tmp_path / "missing"))
     root = write_get_folder(tmp_path / "a")
@@ -256,7 +257,7 @@ def test_get_layout_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # distill.py: losses, training, checkpoints
 
-def test_every_loss_is_finite_with_gradients():
+def test_distill_every_loss_is_finite_with_gradients():
     args = distill.get_parser().parse_args(["--lpips-backbone", "random", "--lpips-size", "64"])
     torch.manual_seed(0)
     target = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -270,7 +271,7 @@ def test_every_loss_is_finite_with_gradients():
         assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0, name
 
 
-def test_lpips_net_is_frozen():
+def test_distill_lpips_net_is_frozen():
     net = distill.build_lpips("alex", "cpu", backbone="random")
     assert not any(p.requires_grad for p in net.parameters()) and not net.training
 
@@ -279,7 +280,7 @@ def train_args(cache, out, *extra):
     return toy_flags(cache) + TINY + ["--out", str(out), "--batch", "16", "--log-every", "5"] + list(extra)
 
 
-def test_tiny_overfit_lowers_loss(cache, tmp_path):
+def test_distill_tiny_overfit_lowers_loss(cache, tmp_path):
     _, held = data.load_toy(256, 32, per_class=8, seed=0)
     args = distill.resolve(distill.get_parser().parse_args(train_args(cache, tmp_path, "--steps", "1")))
     loss_fn = distill.build_loss(args, torch.device("cpu"))
@@ -297,7 +298,7 @@ def test_tiny_overfit_lowers_loss(cache, tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_training_run_writes_everything(cache, tmp_path, capsys):
+def test_distill_run_writes_everything(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path, "--steps", "10", "--eval-every", "5"))
     assert "FID skipped: the toy teacher's images are not CIFAR-10" in capsys.readouterr().out
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -310,7 +311,7 @@ def test_training_run_writes_everything(cache, tmp_path, capsys):
     assert not torch.equal(state["ema"]["final_layer.linear.weight"], state["model"]["final_layer.linear.weight"])
 
 
-def test_seed_varies_training_and_toy_seed_the_task(cache, tmp_path):
+def test_distill_seed_varies_training_and_toy_seed_the_task(cache, tmp_path):
     """Seed repeats of a study share one toy teacher (same class-mean baseline) but train differently."""
     runs = {}
     for name, flags in {"s0": [], "s1": ["--seed", "1"], "toy1": ["--toy-seed", "1"]}.items():
@@ -321,7 +322,7 @@ def test_seed_varies_training_and_toy_seed_the_task(cache, tmp_path):
     assert (runs["s1"]["seed"], runs["s1"]["toy_seed"], runs["toy1"]["toy_seed"]) == (1, 0, 1)
 
 
-def test_resume_is_exact(cache, tmp_path):
+def test_distill_resume_is_exact(cache, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     distill.main(train_args(cache, straight, "--steps", "20", "--eval-every", "10"))
     distill.main(train_args(cache, split, "--steps", "10", "--eval-every", "10"))
@@ -335,7 +336,7 @@ def test_resume_is_exact(cache, tmp_path):
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
+def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(args, device):
@@ -353,14 +354,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypa
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_checkpoint_is_not_overwritten_without_resume(cache, tmp_path):
+def test_distill_checkpoint_is_not_overwritten_without_resume(cache, tmp_path):
     distill.main(train_args(cache, tmp_path, "--steps", "5"))
     with pytest.raises(SystemExit) as stop:
         distill.main(train_args(cache, tmp_path, "--steps", "5"))
     assert stop.value.code == 2
 
 
-def test_ddp_two_processes_matches_single_process(cache, tmp_path):
+def test_distill_ddp_two_processes_matches_single_process(cache, tmp_path):
     # long flag names: torchrun's own parser would take --d and --h as abbreviations of its options
     flags = [{"--d": "--depth", "--w": "--width", "--h": "--heads"}.get(f, f)
              for f in train_args(cache, tmp_path / "ddp", "--steps", "4", "--eval-every", "4")]
@@ -376,7 +377,7 @@ def test_ddp_two_processes_matches_single_process(cache, tmp_path):
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or a scheduler ending the job
-def test_ctrl_c_saves_a_checkpoint(cache, tmp_path, stop):
+def test_distill_ctrl_c_saves_a_checkpoint(cache, tmp_path, stop):
     proc = subprocess.Popen([sys.executable, "distill.py", *train_args(cache, tmp_path, "--steps", "100000",
                                                                          "--log-every", "2")],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -608,7 +609,7 @@ def mode_images(bench_model, mode, cfg_scale=1.5, batch=6):
 @pytest.mark.parametrize("mode,tolerance", [("lut", 1e-5), ("bf16", 5e-2), ("bf16+lut", 5e-2), ("fp16", 2e-2),
                                             ("bf16-weights+lut", 5e-2)])
 @pytest.mark.parametrize("cfg_scale", [1.5, 1.0])
-def test_modes_match_fp32(bench_model, mode, tolerance, cfg_scale):
+def test_bench_modes_match_fp32(bench_model, mode, tolerance, cfg_scale):
     images, reference = mode_images(bench_model, mode, cfg_scale)
     scale = reference.abs().max().item()
     assert scale > 0.1  # random weights: real images, not adaLN-Zero's zeros
@@ -618,12 +619,12 @@ def test_modes_match_fp32(bench_model, mode, tolerance, cfg_scale):
         assert err > 1e-5 * scale, (mode, err)
 
 
-def test_compile_matches_fp32_on_cpu(bench_model):
+def test_bench_compile_matches_fp32_on_cpu(bench_model):
     images, reference = mode_images(bench_model, "compile+lut", 1.5)
     assert (images - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
 
 
-def test_fold_shares_weights_and_leaves_the_model_intact(bench_model):
+def test_bench_fold_shares_weights_and_leaves_the_model_intact(bench_model):
     folded = bench.fold_adaln(bench_model)
     assert folded.blocks[0].attn.qkv.weight is bench_model.blocks[0].attn.qkv.weight
     assert isinstance(bench_model.blocks[0].adaLN_modulation, torch.nn.Sequential)  # the DiT keeps its modulation
@@ -635,7 +636,7 @@ def test_fold_shares_weights_and_leaves_the_model_intact(bench_model):
         torch.testing.assert_close(folded(z, y), bench_model(z, y), atol=1e-5, rtol=0)
 
 
-def test_a_mode_that_differs_is_not_timed(bench_model, monkeypatch):
+def test_bench_a_mode_that_differs_is_not_timed(bench_model, monkeypatch):
     def broken_fold(m):  # a fold that is wrong for one class: the check must catch it
         folded = real_fold(m)
         folded.final_layer.adaLN_modulation.table[3] += 0.5
@@ -646,7 +647,7 @@ def test_a_mode_that_differs_is_not_timed(bench_model, monkeypatch):
         bench.latency(bench_model, n=10, batch=10, mode="lut", device="cpu", repeats=1, warmup=0)
 
 
-def test_latency_reports_consistent_numbers(bench_model):
+def test_bench_latency_reports_consistent_numbers(bench_model):
     for cfg_scale in (1.5, 1.0):  # the FLOPs it reports are dit.flops_per_image's (checked against torch's counter)
         r = bench.latency(bench_model, n=3, batch=3, mode="fp32", cfg_scale=cfg_scale, device="cpu", repeats=1,
                           warmup=0)
@@ -661,7 +662,7 @@ def test_latency_reports_consistent_numbers(bench_model):
     assert 0 < r["max_err"] <= r["tolerance"] * r["image_scale"] and r["matmul_tflops"] > 0
 
 
-def test_onnx_export_matches_onnxruntime(bench_model, tmp_path):
+def test_bench_onnx_export_matches_onnxruntime(bench_model, tmp_path):
     import onnx
     import onnxruntime
     path = str(tmp_path / "g.onnx")
@@ -678,7 +679,7 @@ def test_onnx_export_matches_onnxruntime(bench_model, tmp_path):
                                    atol=1e-4, rtol=0)
 
 
-def test_onnx_cli_prints_trtexec(tmp_path, capsys):
+def test_bench_onnx_cli_prints_trtexec(tmp_path, capsys):
     path = str(tmp_path / "m.onnx")
     bench.main(["--d", "1", "--w", "16", "--h", "2", "--device", "cpu", "--batch", "2", "--onnx", path])
     out = capsys.readouterr().out
@@ -747,13 +748,29 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     assert "config:" not in second.stdout  # no distill.py run started
 
 
-def test_default_modes_parse_on_every_device():
+def test_bench_train_times_distills_own_step(tmp_path, monkeypatch):
+    calls = []
+    real_step = distill.train_step
+    monkeypatch.setattr(distill, "train_step", lambda *a: calls.append(a[-1]) or real_step(*a))
+    rows = bench.main(["--train", "--d", "1", "--w", "16", "--h", "2", "--lpips-size", "32", "--batch", "2",
+                       "--repeats", "2", "--warmup", "1", "--device", "cpu", "--modes", "fp32",
+                       "--json", str(tmp_path / "t.json")])
+    (r,) = rows
+    assert calls == [0, 1, 2, 3]  # warm-up, two timed steps, the finite-loss check: distill.py's step itself
+    assert r["loss"] == "lpips" and r["batch"] == 2 and r["design"] == [1, 16, 2] and r["mode"] == "fp32"
+    assert r["seconds_min"] <= r["seconds_per_step"] <= r["seconds_max"]
+    assert math.isclose(r["images_per_s"], 2 / r["seconds_per_step"])
+    assert math.isclose(r["paper_training_hours"], 100 * 1_000_000 / r["images_per_s"] / 3600)
+    assert json.loads((tmp_path / "t.json").read_text()) == rows
+
+
+def test_bench_default_modes_parse_on_every_device():
     for kind in ("cpu", "cuda", "mps"):
         for mode in bench.BASE_MODES[kind] + [bench.fastest_mode(torch.device(kind))]:
             assert bench.parse_mode(mode, torch.device(kind)).name == mode
 
 
-def test_compile_mode_defaults_and_graph_conflict():
+def test_bench_compile_mode_defaults_and_graph_conflict():
     cuda = torch.device("cuda")  # parsing and choosing need no GPU
     assert bench.pick_compile_mode(None, bench.parse_mode("bf16-weights+lut+compile+graph", cuda), cuda) == \
         "max-autotune-no-cudagraphs"
@@ -774,8 +791,11 @@ def test_compile_mode_defaults_and_graph_conflict():
     (["--modes", "bf16-weights", "--device", "cpu"], "need the LUT fold"),
     (["--d", "5", "--w", "60", "--h", "8", "--device", "cpu"], "not divisible by heads"),
     (["--ckpt", "missing.pt", "--device", "cpu"], "no checkpoint at missing.pt"),
+    (["--train", "--sweep", "--device", "cpu"], "use it without --sweep"),
+    (["--train", "--modes", "bf16+lut", "--device", "cpu"], "training modes are fp32 or bf16"),
+    (["--train", "--lpips-size", "16", "--device", "cpu"], "--lpips-size"),
 ])
-def test_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
+def test_bench_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
@@ -784,7 +804,7 @@ def test_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
     assert err.startswith("error: ") and phrase in err and "Traceback" not in err
 
 
-def test_cli_error_is_one_paragraph_without_traceback():
+def test_bench_cli_error_is_one_paragraph_without_traceback():
     result = subprocess.run([sys.executable, "bench.py", "--n", "abc"], cwd=HERE, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--n" in result.stderr
@@ -797,7 +817,7 @@ def test_cli_error_is_one_paragraph_without_traceback():
 # ----------------------------------------------------------------------------------------------
 # Error paths of the command lines: exit code 2, one clear message, no traceback
 
-def test_cli_errors(cache, tmp_path):
+def test_cli_errors_of_every_script(cache, tmp_path):
     assert_clean_error(run_script("distill.py", "--d", "5", "--w", "64", "--h", "7"), "not divisible by heads")
     assert_clean_error(run_script("distill.py", "--data", str(tmp_path / "nope")), "is not a folder")
     assert_clean_error(run_script("distill.py", "--steps", "0"), "--steps must be a positive integer")
@@ -866,7 +886,7 @@ def torchvision_pool3_and_logits(net, x):
 # ----------------------------------------------------------------------------------------------
 # The network
 
-def test_inception_matches_pytorch_fid():
+def test_fid_inception_matches_pytorch_fid():
     state = random_inception_state()
     ours = fid.FIDInception().eval()
     ours.load_state_dict(state)
@@ -887,7 +907,7 @@ def test_inception_matches_pytorch_fid():
     assert (plain_pool3 - ref_pool3).abs().max() > 1e-2
 
 
-def test_tf1_resize_hand_cases():
+def test_fid_tf1_resize_hand_cases():
     x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
     # 2 -> 4: src = 0, 0.5, 1, 1.5; the last two clamp to the border pixel
     expected = torch.tensor([[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30.0]])
@@ -900,7 +920,7 @@ def test_tf1_resize_hand_cases():
     assert torch.equal(fid.tf1_resize(x), x)                                         # same size: identity
 
 
-def test_tf1_resize_matches_its_definition_and_differs_from_pytorch_fids():
+def test_fid_tf1_resize_matches_its_definition_and_differs_from_pytorch_fids():
     img = (torch.rand(7, 5, generator=torch.Generator().manual_seed(2)) * 255).numpy()
     size = 13
     ref = np.empty((size, size), np.float32)
@@ -926,7 +946,7 @@ def test_tf1_resize_matches_its_definition_and_differs_from_pytorch_fids():
 # ----------------------------------------------------------------------------------------------
 # Statistics, FID, IS
 
-def test_statistics_are_float64_mean_and_unbiased_covariance():
+def test_fid_statistics_are_float64_mean_and_unbiased_covariance():
     f = np.random.default_rng(0).standard_normal((25000, 3)).astype(np.float32) * [1, 2, 3] + 5
     mu, sigma = fid.statistics(f)  # 25k rows: three chunks
     assert mu.dtype == sigma.dtype == np.float64
@@ -961,7 +981,7 @@ def test_fid_rejects_a_complex_square_root():
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))  # sqrt(-1) on the diagonal
 
 
-def test_inception_score():
+def test_fid_inception_score():
     mean, std = fid.inception_score(np.zeros((100, 1008)))  # p(y|x) = p(y): no information
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
     logits = 100 * np.eye(1008)[:1000]  # 1000 confident, distinct classes: each split of 100 scores 100
@@ -972,7 +992,7 @@ def test_inception_score():
 # ----------------------------------------------------------------------------------------------
 # Weights: missing, undownloadable, wrong
 
-def test_missing_or_undownloadable_weights_say_where_to_get_them(tmp_path, monkeypatch):
+def test_fid_missing_or_undownloadable_weights_say_where_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
     ok, why = fid.inception_available()
     assert not ok and fid.WEIGHTS_URL in why and "--inception" in why
@@ -1064,7 +1084,7 @@ def train_vs_train(world):
     return result, out.getvalue(), err.getvalue()
 
 
-def test_loaders_agree_on_the_same_images(world, tmp_path):
+def test_fid_loaders_agree_on_the_same_images(world, tmp_path):
     nhwc = world["cifar_train"]
     assert torch.equal(fid.read_cifar(world["cifar"], "train"), torch.from_numpy(nhwc).permute(0, 3, 1, 2))
     np.savez(tmp_path / "a.npz", images=nhwc)
@@ -1074,7 +1094,7 @@ def test_loaders_agree_on_the_same_images(world, tmp_path):
     assert fid.read_cifar(world["cifar"], "test").shape == (10, 3, 32, 32)
 
 
-def test_train_images_against_train_statistics_give_zero_and_are_cached(world, train_vs_train):
+def test_fid_train_images_against_train_statistics_give_zero_and_are_cached(world, train_vs_train):
     result, out, err = train_vs_train
     assert abs(result["fid"]) < 1e-3, result
     assert 1 <= result["is_mean"] < 1008
@@ -1086,7 +1106,7 @@ def test_train_images_against_train_statistics_give_zero_and_are_cached(world, t
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and int(f["n"]) == 10
 
 
-def test_checkpoint_uses_ema_seeds_and_cache_and_merges_results_json(world, train_vs_train, monkeypatch, capsys):
+def test_fid_checkpoint_uses_ema_seeds_and_cache_and_merges_results_json(world, train_vs_train, monkeypatch, capsys):
     # the train statistics must come from the cache now: reading CIFAR-10 again fails the test
     monkeypatch.setattr(fid, "read_cifar", lambda *a: pytest.fail("the cached statistics were not used"))
     seen = []
@@ -1146,7 +1166,7 @@ def bad_inputs(d, world):
     ]
 
 
-def test_bad_inputs_give_one_message_and_exit_code_2(world, tmp_path, monkeypatch, capsys):
+def test_fid_bad_inputs_give_one_message_and_exit_code_2(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
@@ -1159,7 +1179,7 @@ def test_bad_inputs_give_one_message_and_exit_code_2(world, tmp_path, monkeypatc
     assert not os.path.exists(tmp_path / "cache")  # nothing was computed or cached on the way
 
 
-def test_cli_error_has_no_traceback(tmp_path):
+def test_fid_cli_error_has_no_traceback(tmp_path):
     np.savez(tmp_path / "float.npz", images=np.zeros((10, 32, 32, 3), np.float32))
     r = subprocess.run([sys.executable, "fid.py", "--npz", str(tmp_path / "float.npz")], cwd=HERE,
                        capture_output=True, text=True, timeout=120)
@@ -1241,7 +1261,7 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
 
 
 @pytest.mark.parametrize("script,argv,phrase", OUT_OF_RANGE)
-def test_out_of_range_numbers_are_refused(script, argv, phrase, tmp_path, monkeypatch, capsys):
+def test_cli_out_of_range_numbers_are_refused(script, argv, phrase, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative paths in argv land here; nothing may be written anyway
     assert_refused(script, argv, phrase, capsys)
     assert os.listdir(tmp_path) == []
@@ -1314,7 +1334,7 @@ def file_targets(good, cache, out):
                                     "fid --ref", "fid --cifar", "bench --ckpt", "study --results", "study --timings",
                                     "ta --ta",
                                     "distill --lpips-backbone", "data --data", "distill --resume"])
-def test_unreadable_input_files_are_refused(target, good_files, cache, tmp_path, monkeypatch, capsys):
+def test_cli_unreadable_input_files_are_refused(target, good_files, cache, tmp_path, monkeypatch, capsys):
     """Missing, empty, truncated, random, a folder, or another kind of file: each named in one message, exit
     code 2, and left exactly as it was."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # an empty hub cache, and no download may start
@@ -1344,7 +1364,7 @@ def test_unreadable_input_files_are_refused(target, good_files, cache, tmp_path,
     assert not os.path.exists(tmp_path / "out" / "run" / "ckpt.pt")  # no run started
 
 
-def test_unwritable_outputs_are_refused_before_any_work(cache, good_files, tmp_path, monkeypatch, capsys):
+def test_cli_unwritable_outputs_are_refused_before_any_work(cache, good_files, tmp_path, monkeypatch, capsys):
     """An output under a regular file (unwritable for root too), a file where a folder belongs, a folder
     where a file belongs, or an image type nobody writes: refused at the start, nothing created."""
     blocker = tmp_path / "file.txt"
@@ -1373,7 +1393,7 @@ def test_unwritable_outputs_are_refused_before_any_work(cache, good_files, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["file.txt"] and blocker.read_text() == "keep me"
 
 
-def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
+def test_common_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
     path = tmp_path / "results.json"
     path.write_text('{"step": 1}')
 
@@ -1405,7 +1425,7 @@ def test_study_sh_refuses_bad_settings(tmp_path):
     assert not os.path.exists(tmp_path / "runs")
 
 
-def test_unconditional_pairs_are_sampled_with_the_null_class_by_every_tool(world, tmp_path, monkeypatch, capsys):
+def test_sample_unconditional_pairs_use_the_null_class_in_every_tool(world, tmp_path, monkeypatch, capsys):
     """A model trained on GET-layout unconditional pairs records it in its checkpoint; then the training grid,
     the held-out eval, FID, sample.py (grid and .npz), fid.py --ckpt and bench.py --ckpt all sample it with the
     null class in one pass (no guidance), and an explicit guided request of it is refused."""
