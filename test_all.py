@@ -686,6 +686,59 @@ def test_bench_onnx_cli_prints_trtexec(tmp_path, capsys):
     assert os.path.getsize(path) > 0 and f"trtexec --onnx={path}" in out and "max error" in out
 
 
+def test_bench_default_modes_parse_on_every_device():
+    for kind in ("cpu", "cuda", "mps"):
+        for mode in bench.BASE_MODES[kind] + [bench.fastest_mode(torch.device(kind))]:
+            assert bench.parse_mode(mode, torch.device(kind)).name == mode
+
+
+def test_bench_compile_mode_defaults_and_graph_conflict():
+    cuda = torch.device("cuda")  # parsing and choosing need no GPU
+    assert bench.pick_compile_mode(None, bench.parse_mode("bf16-weights+lut+compile+graph", cuda), cuda) == \
+        "max-autotune-no-cudagraphs"
+    assert bench.pick_compile_mode(None, bench.parse_mode("compile", cuda), cuda) == "max-autotune"
+    assert bench.pick_compile_mode(None, bench.parse_mode("compile", CPU), CPU) == "default"
+    with pytest.raises(common.UsageError, match="makes its own CUDA graphs"):
+        bench.pick_compile_mode("reduce-overhead", bench.parse_mode("lut+compile+graph", cuda), cuda)
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["--device", "tpu"], "expected cuda, cuda:N, mps or cpu"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--n", "0"], "--n must be a positive integer"),
+    (["--batch", "-3"], "--batch must be a positive integer"),
+    (["--modes", "fp8"], "cannot read mode 'fp8'"),
+    (["--modes", "tf32", "--device", "cpu"], "needs a CUDA device"),
+    (["--modes", "lut+graph", "--device", "cpu"], "needs a CUDA device"),
+    (["--modes", "bf16-weights", "--device", "cpu"], "need the LUT fold"),
+    (["--d", "5", "--w", "60", "--h", "8", "--device", "cpu"], "not divisible by heads"),
+    (["--ckpt", "missing.pt", "--device", "cpu"], "no checkpoint at missing.pt"),
+    (["--train", "--sweep", "--device", "cpu"], "use it without --sweep"),
+    (["--train", "--modes", "bf16+lut", "--device", "cpu"], "training modes are fp32 or bf16"),
+    (["--train", "--lpips-size", "16", "--device", "cpu"], "--lpips-size"),
+])
+def test_bench_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and phrase in err and "Traceback" not in err
+
+
+def test_bench_cli_error_is_one_paragraph_without_traceback():
+    result = subprocess.run([sys.executable, "bench.py", "--n", "abc"], cwd=HERE, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--n" in result.stderr
+    result = subprocess.run([sys.executable, "bench.py", *FAST, "--d", "1", "--w", "16", "--modes", "lut"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| lut | 1.5 |" in result.stdout and "| lut | 1 |" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# study.py and study.sh
+
 def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys):
     timings = tmp_path / "sweep.json"
     rows = bench.main(["--sweep", "--device", "cpu", "--n", "2", "--batch", "2", "--repeats", "1", "--warmup", "0",
@@ -762,79 +815,6 @@ def test_bench_train_times_distills_own_step(tmp_path, monkeypatch):
     assert math.isclose(r["images_per_s"], 2 / r["seconds_per_step"])
     assert math.isclose(r["paper_training_hours"], 100 * 1_000_000 / r["images_per_s"] / 3600)
     assert json.loads((tmp_path / "t.json").read_text()) == rows
-
-
-def test_bench_default_modes_parse_on_every_device():
-    for kind in ("cpu", "cuda", "mps"):
-        for mode in bench.BASE_MODES[kind] + [bench.fastest_mode(torch.device(kind))]:
-            assert bench.parse_mode(mode, torch.device(kind)).name == mode
-
-
-def test_bench_compile_mode_defaults_and_graph_conflict():
-    cuda = torch.device("cuda")  # parsing and choosing need no GPU
-    assert bench.pick_compile_mode(None, bench.parse_mode("bf16-weights+lut+compile+graph", cuda), cuda) == \
-        "max-autotune-no-cudagraphs"
-    assert bench.pick_compile_mode(None, bench.parse_mode("compile", cuda), cuda) == "max-autotune"
-    assert bench.pick_compile_mode(None, bench.parse_mode("compile", CPU), CPU) == "default"
-    with pytest.raises(common.UsageError, match="makes its own CUDA graphs"):
-        bench.pick_compile_mode("reduce-overhead", bench.parse_mode("lut+compile+graph", cuda), cuda)
-
-
-@pytest.mark.parametrize("argv,phrase", [
-    (["--device", "tpu"], "expected cuda, cuda:N, mps or cpu"),
-    (["--device", "cuda"], "no CUDA device"),
-    (["--n", "0"], "--n must be a positive integer"),
-    (["--batch", "-3"], "--batch must be a positive integer"),
-    (["--modes", "fp8"], "cannot read mode 'fp8'"),
-    (["--modes", "tf32", "--device", "cpu"], "needs a CUDA device"),
-    (["--modes", "lut+graph", "--device", "cpu"], "needs a CUDA device"),
-    (["--modes", "bf16-weights", "--device", "cpu"], "need the LUT fold"),
-    (["--d", "5", "--w", "60", "--h", "8", "--device", "cpu"], "not divisible by heads"),
-    (["--ckpt", "missing.pt", "--device", "cpu"], "no checkpoint at missing.pt"),
-    (["--train", "--sweep", "--device", "cpu"], "use it without --sweep"),
-    (["--train", "--modes", "bf16+lut", "--device", "cpu"], "training modes are fp32 or bf16"),
-    (["--train", "--lpips-size", "16", "--device", "cpu"], "--lpips-size"),
-])
-def test_bench_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and phrase in err and "Traceback" not in err
-
-
-def test_bench_cli_error_is_one_paragraph_without_traceback():
-    result = subprocess.run([sys.executable, "bench.py", "--n", "abc"], cwd=HERE, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "--n" in result.stderr
-    result = subprocess.run([sys.executable, "bench.py", *FAST, "--d", "1", "--w", "16", "--modes", "lut"], cwd=HERE,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "| lut | 1.5 |" in result.stdout and "| lut | 1 |" in result.stdout
-
-
-# ----------------------------------------------------------------------------------------------
-# Error paths of the command lines: exit code 2, one clear message, no traceback
-
-def test_cli_errors_of_every_script(cache, tmp_path):
-    assert_clean_error(run_script("distill.py", "--d", "5", "--w", "64", "--h", "7"), "not divisible by heads")
-    assert_clean_error(run_script("distill.py", "--data", str(tmp_path / "nope")), "is not a folder")
-    assert_clean_error(run_script("distill.py", "--steps", "0"), "--steps must be a positive integer")
-    # LPIPS offline with an empty cache: stops before step 0 naming the file, the folder and --loss l2
-    r = run_script("distill.py", "--loss", "lpips", *toy_flags(cache), "--out", str(tmp_path / "l"),
-                   env={"TORCH_HOME": str(tmp_path / "hub")})
-    assert_clean_error(r, "vgg16-397923af.pth", str(tmp_path / "hub"), "--loss l2")
-    assert not (tmp_path / "l" / "ckpt.pt").exists()
-    (tmp_path / "bad.pt").write_bytes(b"junk")
-    assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "bad.pt")), "not a DiT-Nano checkpoint")
-    assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "none.pt")), "no checkpoint")
-    assert_clean_error(run_script("dit.py", "--params", "lots"), "cannot read the parameter budget")
-    assert_clean_error(run_script("ta.py", *toy_flags(cache)), "needs --ta CKPT")
-    assert_clean_error(run_script("ta.py", "--ta", str(tmp_path / "none.pt"), *toy_flags(cache), "--out",
-                                  str(tmp_path / "t")), "no checkpoint")
-    assert_clean_error(run_script("ta.py", "--ta", "x.pt", "--ta-weight", "0"), "not all 0")
-    assert_clean_error(run_script("mi1.py", "--layers", "3,5"), "final block")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1206,6 +1186,26 @@ def test_distill_fid_every_records_fid_in_results(cache, world, tmp_path, capsys
 
 SCRIPTS = {"dit": dit.main, "data": data.main, "distill": distill.main, "ta": ta.main, "mi1": mi1.main,
            "sample": sample.main, "fid": fid.main, "bench": bench.main, "study": study.main}
+
+
+def test_cli_errors_of_every_script(cache, tmp_path):
+    assert_clean_error(run_script("distill.py", "--d", "5", "--w", "64", "--h", "7"), "not divisible by heads")
+    assert_clean_error(run_script("distill.py", "--data", str(tmp_path / "nope")), "is not a folder")
+    assert_clean_error(run_script("distill.py", "--steps", "0"), "--steps must be a positive integer")
+    # LPIPS offline with an empty cache: stops before step 0 naming the file, the folder and --loss l2
+    r = run_script("distill.py", "--loss", "lpips", *toy_flags(cache), "--out", str(tmp_path / "l"),
+                   env={"TORCH_HOME": str(tmp_path / "hub")})
+    assert_clean_error(r, "vgg16-397923af.pth", str(tmp_path / "hub"), "--loss l2")
+    assert not (tmp_path / "l" / "ckpt.pt").exists()
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "bad.pt")), "not a DiT-Nano checkpoint")
+    assert_clean_error(run_script("sample.py", "--ckpt", str(tmp_path / "none.pt")), "no checkpoint")
+    assert_clean_error(run_script("dit.py", "--params", "lots"), "cannot read the parameter budget")
+    assert_clean_error(run_script("ta.py", *toy_flags(cache)), "needs --ta CKPT")
+    assert_clean_error(run_script("ta.py", "--ta", str(tmp_path / "none.pt"), *toy_flags(cache), "--out",
+                                  str(tmp_path / "t")), "no checkpoint")
+    assert_clean_error(run_script("ta.py", "--ta", "x.pt", "--ta-weight", "0"), "not all 0")
+    assert_clean_error(run_script("mi1.py", "--layers", "3,5"), "final block")
 
 
 def assert_refused(script, argv, phrase, capsys):
