@@ -17,7 +17,7 @@ import math
 import os
 import statistics
 
-from common import UsageError, exit_on_usage_error, writable_dir, writable_file, write_json
+from common import UsageError, atomic_write, exit_on_usage_error, writable_dir, writable_file, write_json
 
 
 def get_parser():
@@ -162,7 +162,7 @@ def plot_tradeoff(rows, quality_label, quality, path):
     fig.suptitle(f"{rows[0]['hardware']}, {rows[0]['mode']}, batch {rows[0]['batch']}, CFG {rows[0]['cfg_scale']}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format=os.path.splitext(path)[1][1:].lower()))
     plt.close(fig)
 
 
@@ -188,11 +188,14 @@ def main(argv=None):
     first = rows[0]
     quality_label, quality = quality_of(records, rows)
     table = sweep_table(rows, quality_label, quality, bool(records))
-    header_and_table = (f"{first['hardware']}, torch {first.get('torch', '?')}; {first['n']:,} images per design at batch {first['batch']}, CFG "
-                       f"{first['cfg_scale']:g}, median of {first['repeats']}; s per 50k = 50,000 / measured img/s"
-                       f"{' (~: extrapolated)' if first['extrapolated'] else ''}.\n\n{table}\n")
-    with open(args.sweep_out, "w") as f:
-        f.write(header_and_table)
+    header = (f"{first['hardware']}, torch {first.get('torch', '?')}; {first['n']:,} images per design at batch "
+              f"{first['batch']}, CFG {first['cfg_scale']:g}, median of {first['repeats']}; s per 50k = 50,000 / "
+              f"measured img/s{' (~: extrapolated)' if first['extrapolated'] else ''}.")
+
+    def write_table(tmp):
+        with open(tmp, "w") as f:
+            f.write(f"{header}\n\n{table}\n")
+    atomic_write(args.sweep_out, write_table)
     plot_tradeoff([r for r in rows if r["mode"] == first["mode"]], quality_label, quality, args.plot)  # one mode
     print(f"{table}\n\nwrote {args.sweep_out} and {args.plot}")
     if args.runs_out:

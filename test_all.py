@@ -782,7 +782,7 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
                ONLY="d5w64h8_l2 d5w64h8_l1", BENCH_N="2", PYTHON=sys.executable,
                TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache, whatever this machine has
     argv = ["bash", "study.sh", *toy_flags(cache)]
-    first = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=300)
+    first = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "Table 1's LPIPS row skipped" in first.stdout  # no VGG weights offline: said, not failed
     records = {name: json.loads((tmp_path / "results" / f"{name}.json").read_text())
@@ -796,7 +796,7 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     table = (tmp_path / "results" / "sweep.md").read_text()
     assert table.count("| (5,64,8) |") == 1 and f"| {records['d5w64h8_l2']['ema']['psnr']:.2f} |" in table
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=300)
+    second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2, second.stdout[-2000:]
     assert "config:" not in second.stdout  # no distill.py run started
 
