@@ -8,6 +8,7 @@ design-space sweep (Tables 2, 5, 6): every design timed (study.py joins quality 
     python bench.py --sweep --json sweep.json           # Table 6's designs; then python study.py --timings sweep.json
     python bench.py --params 5M --onnx dit5m.onnx       # Jetson: export, then time it with the printed trtexec
     python bench.py --params 5M --train                 # distill.py's training step (LPIPS-VGG at 224): img/s
+    python bench.py --loader /data/EDM-Cond-CIFAR       # distill.py's batches from GET's pairs: ms per batch, memory
 
     from bench import latency
     r = latency((5, 64, 8), n=1024, batch=128, mode="lut", cfg_scale=1.5, device="cpu", repeats=3)
@@ -69,6 +70,10 @@ def get_parser():
     g.add_argument("--loss", choices=("l1", "l2", "lpips"), default="lpips", help="--train's loss (paper: lpips; its "
                    "trunk has random weights here, which take the same time as trained ones)")
     g.add_argument("--lpips-size", type=int, default=224, help="--train: LPIPS input size (GET: 224; 0 keeps 32)")
+    g = p.add_argument_group("data loading: distill.py's batches from a folder of GET's pairs")
+    g.add_argument("--loader", metavar="PATH", help="time the training thread's wait for each batch of --batch pairs "
+                   "(default 256) drawn as distill.py draws them from this GET folder, over --n pairs (default 200 "
+                   "batches), and the process's peak memory; nothing else is timed")
     g = p.add_argument_group("Jetson / TensorRT")
     g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
                    "and print the trtexec command that times it; nothing else is timed")
@@ -511,6 +516,49 @@ def train_throughput(args, device, modes):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data loading: the training thread's wait for distill.py's batches from GET's pairs
+
+def rss_mib():
+    """(this process's resident memory now, its peak so far) in MiB, from /proc (Linux); NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return float("nan"), float("nan")
+
+
+def loader_throughput(args):
+    """distill.py's batches (seeded order, label dropout) from --loader PATH, timed on the calling thread as the
+    training loop receives them: ms per batch (median, mean, max), batches/s, and memory before and after."""
+    import data
+    import distill  # only here: sampling benchmarks need no trainer
+    before = rss_mib()
+    t0 = time.perf_counter()
+    train_set, _ = data.load_pairs(args.loader, heldout=1)
+    setup_s = time.perf_counter() - t0
+    steps = max(1, args.n // args.batch)
+    flags = distill.resolve(distill.get_parser().parse_args(["--data", args.loader, "--batch", str(args.batch),
+                                                             "--seed", str(args.seed)]))
+    print(f"{args.loader}: {len(train_set):,} pairs; {steps} batches of {args.batch}, drawn as distill.py draws them "
+          f"(seeded order, label dropout); {hardware(torch.device('cpu'))}, torch {torch.__version__}")
+    seconds = []
+    for step in range(steps):
+        t = time.perf_counter()
+        distill.batch_of_step(train_set, step, flags)
+        seconds.append(time.perf_counter() - t)
+    now, peak = rss_mib()
+    r = {"loader": args.loader, "pairs": len(train_set), "batch": args.batch, "batches": steps, "setup_s": setup_s,
+         "ms_per_batch": 1e3 * statistics.median(seconds), "ms_mean": 1e3 * statistics.mean(seconds),
+         "ms_max": 1e3 * max(seconds), "batches_per_s": steps / sum(seconds), "rss_before_mib": before[0],
+         "rss_mib": now, "peak_rss_mib": peak, "hardware": hardware(torch.device("cpu")), "torch": torch.__version__}
+    print(f"training thread: {r['ms_per_batch']:.2f} ms per batch (median; mean {r['ms_mean']:.2f}, max "
+          f"{r['ms_max']:.2f}), {r['batches_per_s']:,.1f} batches/s; setup {setup_s:.1f} s; resident memory "
+          f"{before[0]:,.0f} MiB before loading, {now:,.0f} MiB after, peak {peak:,.0f} MiB")
+    return [r]
+
+
+# ----------------------------------------------------------------------------------------------
 
 def parse_design(text):
     try:
@@ -548,6 +596,12 @@ def check_args(args, device):
     for path, flag in ((args.json, "--json"), (args.onnx, "--onnx")):
         if path:
             writable_file(path, flag)
+    if args.loader:
+        if args.sweep or args.ckpt or args.onnx or args.train:
+            raise UsageError("--loader times data loading alone: use it without --sweep, --ckpt, --onnx and --train.")
+        args.batch = args.batch or 256
+        args.n = args.n or 200 * args.batch
+        return []
     if args.train:
         if args.sweep or args.ckpt or args.onnx:
             raise UsageError("--train times training steps of one design: use it without --sweep, --ckpt and --onnx.")
@@ -627,8 +681,9 @@ def main(argv=None):
             modes = check_args(args, device)
             if args.threads:
                 torch.set_num_threads(args.threads)
-            measured = train_throughput(args, device, modes) if args.train else \
-                sweep(args, device, modes) if args.sweep else benchmark(args, device, modes)
+            job = loader_throughput if args.loader else train_throughput if args.train else sweep if args.sweep \
+                else benchmark
+            measured = job(args) if args.loader else job(args, device, modes)
     except AccuracyError as e:  # not the user's input: a mode that computes wrong images (exit 1)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

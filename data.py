@@ -272,6 +272,23 @@ class GETPairs:
         return train, held
 
 
+def write_synthetic_get(root, n_files=2, per_file=5, conditional=True, image_dtype=torch.float32, seed=0):
+    """A folder in GET's exact layout with random pairs (tests, and timing the loader at GET's scale without the
+    download): root/latent/NNNNNNNNN.pkl and root/image/NNNNNNNNN.pkl, named like GET's by the last seed,
+    latents [z, one-hot labels] (conditional) or z, images tanh(z) in image_dtype. Returns root."""
+    for sub in ("latent", "image"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for f in range(n_files):
+        z = torch.randn(per_file, *SHAPE, generator=g)
+        labels = torch.randint(0, NUM_CLASSES, (per_file,), generator=g)
+        latent = [z, torch.nn.functional.one_hot(labels, NUM_CLASSES).float()] if conditional else z
+        name = f"{(f + 1) * per_file - 1:09d}.pkl"
+        torch.save(latent, os.path.join(root, "latent", name))
+        torch.save(torch.tanh(z).to(image_dtype), os.path.join(root, "image", name))
+    return root
+
+
 def add_flags(parser):
     """The data flags, shared by data.py and distill.py (so ta.py and mi1.py): a group on parser."""
     g = parser.add_argument_group("data")

@@ -283,18 +283,8 @@ def test_data_toy_pairs_are_cached_and_deterministic(cache, tmp_path):
 
 
 def write_get_folder(root, n_files=2, per_file=5, conditional=True, image_dtype=torch.float32):
-    """A tiny folder in GET's layout: latent/NNNNNNNNN.pkl, image/NNNNNNNNN.pkl (torch.save)."""
-    os.makedirs(root / "latent")
-    os.makedirs(root / "image")
-    g = torch.Generator().manual_seed(0)
-    for f in range(n_files):
-        z = torch.randn(per_file, 3, 32, 32, generator=g)
-        labels = torch.randint(0, 10, (per_file,), generator=g)
-        x = torch.tanh(z).to(image_dtype)
-        latent = [z, torch.nn.functional.one_hot(labels, 10).float()] if conditional else z
-        torch.save(latent, root / "latent" / f"{f:09d}.pkl")
-        torch.save(x, root / "image" / f"{f:09d}.pkl")
-    return root
+    """A tiny folder in GET's layout (data.write_synthetic_get): files 000000004.pkl, 000000009.pkl, ..."""
+    return data.write_synthetic_get(root, n_files, per_file, conditional, image_dtype)
 
 
 @pytest.mark.parametrize("conditional,image_dtype", [(True, torch.float32), (False, torch.float64)])
@@ -303,7 +293,7 @@ def test_data_get_layout_loads_lazily(tmp_path, conditional, image_dtype):
     train, held = data.load_pairs(str(root), heldout=3)
     assert len(train) == 7 and len(held) == 3
     z, y, x = train.batch(torch.tensor([6, 0, 5]))  # rows 6 and 5 in file 1, row 0 in file 0
-    lat1 = torch.load(root / "latent" / "000000001.pkl", weights_only=True)
+    lat1 = torch.load(root / "latent" / "000000009.pkl", weights_only=True)
     z1 = lat1[0] if conditional else lat1
     assert torch.equal(z[0], z1[1]) and torch.equal(z[2], z1[0])
     assert x.dtype == torch.float32 and torch.allclose(x, torch.tanh(z), atol=1e-6)
@@ -319,20 +309,20 @@ def test_data_get_layout_errors(tmp_path):
     with pytest.raises(common.UsageError, match="is not a folder"):
         data.load_pairs(str(tmp_path / "missing"))
     root = write_get_folder(tmp_path / "a")
-    torch.save(torch.zeros(5, 3, 28, 28), root / "image" / "000000001.pkl")
-    with pytest.raises(common.UsageError, match=r"image.*000000001.pkl: expected images as a tensor \[n,3,32,32\]"):
+    torch.save(torch.zeros(5, 3, 28, 28), root / "image" / "000000009.pkl")
+    with pytest.raises(common.UsageError, match=r"image.*000000009.pkl: expected images as a tensor \[n,3,32,32\]"):
         data.load_pairs(str(root))
     root = write_get_folder(tmp_path / "b")
-    torch.save(torch.zeros(5, 3, 32, 32, dtype=torch.int32), root / "latent" / "000000000.pkl")
+    torch.save(torch.zeros(5, 3, 32, 32, dtype=torch.int32), root / "latent" / "000000004.pkl")
     with pytest.raises(common.UsageError, match="noise z.*float32, got torch.int32"):
         data.load_pairs(str(root))
     root = write_get_folder(tmp_path / "c")
-    (root / "image" / "000000000.pkl").write_bytes(b"not a torch file")
-    with pytest.raises(common.UsageError, match="cannot read .*000000000.pkl"):
+    (root / "image" / "000000004.pkl").write_bytes(b"not a torch file")
+    with pytest.raises(common.UsageError, match="cannot read .*000000004.pkl"):
         data.load_pairs(str(root))
     root = write_get_folder(tmp_path / "d")
-    os.remove(root / "image" / "000000001.pkl")
-    with pytest.raises(common.UsageError, match="000000001.pkl is missing"):
+    os.remove(root / "image" / "000000009.pkl")
+    with pytest.raises(common.UsageError, match="000000009.pkl is missing"):
         data.load_pairs(str(root))
 
 
@@ -953,6 +943,20 @@ def test_bench_train_times_distills_own_step(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "t.json").read_text()) == rows
 
 
+def test_bench_loader_times_distills_batches(tmp_path, monkeypatch):
+    root = write_get_folder(tmp_path / "pairs", n_files=3, per_file=6)
+    steps = []
+    real_batch = distill.batch_of_step
+    monkeypatch.setattr(distill, "batch_of_step", lambda pairs, step, *a, **k: steps.append(step) or
+                        real_batch(pairs, step, *a, **k))
+    (r,) = bench.main(["--loader", str(root), "--batch", "4", "--n", "12", "--json", str(tmp_path / "l.json")])
+    assert steps == [0, 1, 2]  # distill.py's own batches, in its order
+    assert r["pairs"] == 17 and r["batch"] == 4 and r["batches"] == 3  # 18 pairs less the held-out one
+    assert 0 < r["ms_per_batch"] <= r["ms_max"] and math.isclose(r["batches_per_s"], 3e3 / (3 * r["ms_mean"]))
+    assert r["peak_rss_mib"] >= r["rss_mib"] > 0
+    assert json.loads((tmp_path / "l.json").read_text()) == [r]
+
+
 # ----------------------------------------------------------------------------------------------
 # fid.py
 
@@ -1348,7 +1352,7 @@ def good_files(world, ta_ckpt, tmp_path_factory):
     return dict(ckpt=ta_ckpt, npz=world["npz"], inception=world["weights"], ref=str(d / "ref.npz"),
                 cifar=world["cifar"], png=str(d / "a.png"), results=str(d / "results.json"),
                 timings=str(d / "timings.json"),
-                alex=str(d / "alexnet-owt-7be5be79.pth"), get_image=str(d / "get" / "image" / "000000000.pkl"))
+                alex=str(d / "alexnet-owt-7be5be79.pth"), get_image=str(d / "get" / "image" / "000000004.pkl"))
 
 
 def file_targets(good, cache, out):
@@ -1403,9 +1407,9 @@ def test_cli_unreadable_input_files_are_refused(target, good_files, cache, tmp_p
             folder = os.path.dirname(path)
             if target == "data --data":
                 shutil.copytree(os.path.dirname(os.path.dirname(good_files["get_image"])), folder + "_get")
-                os.remove(os.path.join(folder + "_get", "image", "000000000.pkl"))
-                shutil.move(path, os.path.join(folder + "_get", "image", "000000000.pkl"))
-                path = os.path.join(folder + "_get", "image", "000000000.pkl")
+                os.remove(os.path.join(folder + "_get", "image", "000000004.pkl"))
+                shutil.move(path, os.path.join(folder + "_get", "image", "000000004.pkl"))
+                path = os.path.join(folder + "_get", "image", "000000004.pkl")
             else:
                 shutil.copy(good_files["png"], os.path.join(folder, "b.png"))
         before = open(path, "rb").read() if os.path.isfile(path) else None
