@@ -74,6 +74,8 @@ def get_parser():
     g.add_argument("--loader", metavar="PATH", help="time the training thread's wait for each batch of --batch pairs "
                    "(default 256) drawn as distill.py draws them from this GET folder, over --n pairs (default 200 "
                    "batches), and the process's peak memory; nothing else is timed")
+    g.add_argument("--step-ms", type=float, default=0.0, help="--loader: a stand-in for the training step between "
+                   "batches (a sleep, as the CPU is while a GPU computes; default 0: the worst case)")
     g = p.add_argument_group("Jetson / TensorRT")
     g.add_argument("--onnx", help="export the generator (LUT-folded, CFG inside, static batch) to this file "
                    "and print the trtexec command that times it; nothing else is timed")
@@ -530,7 +532,8 @@ def rss_mib():
 
 def loader_throughput(args):
     """distill.py's batches (seeded order, label dropout) from --loader PATH, timed on the calling thread as the
-    training loop receives them: ms per batch (median, mean, max), batches/s, and memory before and after."""
+    training loop receives them from its prefetching thread: ms per batch (median, mean, max), batches/s, and
+    memory before and after (a conversion of the folder, the first time, is in the setup time)."""
     import data
     import distill  # only here: sampling benchmarks need no trainer
     before = rss_mib()
@@ -541,19 +544,26 @@ def loader_throughput(args):
     flags = distill.resolve(distill.get_parser().parse_args(["--data", args.loader, "--batch", str(args.batch),
                                                              "--seed", str(args.seed)]))
     print(f"{args.loader}: {len(train_set):,} pairs; {steps} batches of {args.batch}, drawn as distill.py draws them "
-          f"(seeded order, label dropout); {hardware(torch.device('cpu'))}, torch {torch.__version__}")
-    seconds = []
-    for step in range(steps):
+          f"(seeded order, label dropout, a background thread ahead of the loop); the training thread takes them "
+          + (f"with a {args.step_ms:g} ms step between" if args.step_ms else "with no work in between (the worst case)")
+          + f"; {hardware(torch.device('cpu'))}, torch {torch.__version__}")
+    seconds, start = [], time.perf_counter()
+    batches = distill.prefetched(lambda s: distill.batch_of_step(train_set, s, flags), range(steps))
+    for _ in range(steps):
         t = time.perf_counter()
-        distill.batch_of_step(train_set, step, flags)
+        next(batches)
         seconds.append(time.perf_counter() - t)
+        time.sleep(args.step_ms / 1e3)
+    wall = time.perf_counter() - start
+    batches.close()
     now, peak = rss_mib()
-    r = {"loader": args.loader, "pairs": len(train_set), "batch": args.batch, "batches": steps, "setup_s": setup_s,
+    r = {"loader": args.loader, "pairs": len(train_set), "batch": args.batch, "batches": steps, "step_ms": args.step_ms,
+         "setup_s": setup_s,
          "ms_per_batch": 1e3 * statistics.median(seconds), "ms_mean": 1e3 * statistics.mean(seconds),
-         "ms_max": 1e3 * max(seconds), "batches_per_s": steps / sum(seconds), "rss_before_mib": before[0],
+         "ms_max": 1e3 * max(seconds), "batches_per_s": steps / wall, "rss_before_mib": before[0],
          "rss_mib": now, "peak_rss_mib": peak, "hardware": hardware(torch.device("cpu")), "torch": torch.__version__}
-    print(f"training thread: {r['ms_per_batch']:.2f} ms per batch (median; mean {r['ms_mean']:.2f}, max "
-          f"{r['ms_max']:.2f}), {r['batches_per_s']:,.1f} batches/s; setup {setup_s:.1f} s; resident memory "
+    print(f"training thread: waits {r['ms_per_batch']:.2f} ms per batch (median; mean {r['ms_mean']:.2f}, max "
+          f"{r['ms_max']:.2f}), {r['batches_per_s']:,.1f} batches/s in all; setup {setup_s:.1f} s; resident memory "
           f"{before[0]:,.0f} MiB before loading, {now:,.0f} MiB after, peak {peak:,.0f} MiB")
     return [r]
 
@@ -601,6 +611,7 @@ def check_args(args, device):
             raise UsageError("--loader times data loading alone: use it without --sweep, --ckpt, --onnx and --train.")
         args.batch = args.batch or 256
         args.n = args.n or 200 * args.batch
+        check_number(args.step_ms, "--step-ms", low=0)
         return []
     if args.train:
         if args.sweep or args.ckpt or args.onnx:

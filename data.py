@@ -2,7 +2,7 @@
 Teacher noise-image pairs (z, y, x) for one-step distillation: the student learns x = G(z, y).
 
     python data.py --data toy            # build (or find) the cached toy teacher pairs, print a summary
-    python data.py --data PATH           # check a folder of GET's EDM CIFAR-10 pairs, print a summary
+    python data.py --data PATH           # check (and convert, once) a folder of GET's EDM CIFAR-10 pairs
 
 Two sources, one interface (`load_pairs` -> train and held-out `Pairs`, each with `.batch(idx)`):
 
@@ -13,12 +13,15 @@ Two sources, one interface (`load_pairs` -> train and held-out `Pairs`, each wit
 - `PATH`: the pairs the GET authors released (EDM-Cond-CIFAR / EDM-Uncond-CIFAR, 1M each):
   PATH/latent/*.pkl and PATH/image/*.pkl, saved with torch.save. Conditional latents are a list
   [z float32 [n,3,32,32], one-hot labels float32 [n,10]], unconditional ones the bare z; images are
-  the teacher's raw output on [-1,1]. Files are memory-mapped, so 1M pairs (24.6 GB) never sit in RAM.
+  the teacher's raw output on [-1,1]. Converted once into one contiguous array (beside the data, or in the
+  cache), so a pair is one read and 1M pairs (24.6 GB) never sit in RAM.
 """
 import argparse
 import glob
 import hashlib
+import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -35,7 +38,7 @@ SIGMA_MIN, SIGMA_MAX, RHO, STEPS = 0.002, 80.0, 7.0, 18  # EDM's sampler for CIF
 
 class Pairs:
     """In-memory pairs: z [N,3,32,32] unit noise, y [N] int64 labels (10 = none), x [N,3,32,32] images."""
-    conditional = True  # the toy teacher is class-conditional; GETPairs says per folder
+    conditional = True  # the toy teacher is class-conditional; ArrayPairs says per folder
 
     def __init__(self, z, y, x):
         self.z, self.y, self.x = z, y, x
@@ -200,76 +203,179 @@ def _check(t, path, what, shape_tail, dtypes):
                          f"{'/'.join(str(d).replace('torch.', '') for d in dtypes)}, got {got}.")
 
 
-class GETPairs:
-    """Lazily read pairs from PATH/latent/*.pkl and PATH/image/*.pkl (matched by file name).
-    Each file is memory-mapped once; a batch gathers rows from whichever files hold them."""
+def get_files(root):
+    """GET's folder -> [(latent path, image path)] sorted by name (GET names files by their last seed, zero-padded,
+    so this is its order); UsageError for a layout that is not GET's."""
+    lat_dir, img_dir = os.path.join(root, "latent"), os.path.join(root, "image")
+    for d in (root, lat_dir, img_dir):
+        if not os.path.isdir(d):
+            raise UsageError(f"{d} is not a folder. --data PATH expects GET's pair layout: PATH/latent/*.pkl "
+                             f"and PATH/image/*.pkl (see README, 'Real CIFAR-10 pairs'), or use --data toy.")
+    names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(lat_dir, "*.pkl")))
+    if not names:
+        raise UsageError(f"{lat_dir} holds no *.pkl files; expected GET's latent files (e.g. 000012499.pkl).")
+    files = [(os.path.join(lat_dir, name), os.path.join(img_dir, name)) for name in names]
+    for _, img_path in files:
+        if not os.path.exists(img_path):
+            raise UsageError(f"{img_path} is missing: every latent file needs an image file of the same name.")
+    return files
 
-    def __init__(self, root, start=0, stop=None):
-        lat_dir, img_dir = os.path.join(root, "latent"), os.path.join(root, "image")
-        for d in (root, lat_dir, img_dir):
-            if not os.path.isdir(d):
-                raise UsageError(f"{d} is not a folder. --data PATH expects GET's pair layout: PATH/latent/*.pkl "
-                                 f"and PATH/image/*.pkl (see README, 'Real CIFAR-10 pairs'), or use --data toy.")
-        names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(lat_dir, "*.pkl")))
-        if not names:
-            raise UsageError(f"{lat_dir} holds no *.pkl files; expected GET's latent files (e.g. 000000000.pkl).")
-        self.files = []  # (z, y or None, x) per file, memory-mapped
-        for name in names:
-            lat_path, img_path = os.path.join(lat_dir, name), os.path.join(img_dir, name)
-            if not os.path.exists(img_path):
-                raise UsageError(f"{img_path} is missing: every latent file needs an image file of the same name.")
-            lat, img = _load_mmap(lat_path), _load_mmap(img_path)
-            if isinstance(lat, (list, tuple)):  # conditional: [z, one-hot labels]
-                if len(lat) != 2:
-                    raise UsageError(f"{lat_path}: a conditional latent file must be a list [z, one-hot labels], "
-                                     f"got a list of {len(lat)} items.")
-                z, onehot = lat
-                _check(onehot, lat_path, "one-hot labels", (NUM_CLASSES,), (torch.float32, torch.float64,
-                                                                            torch.int64, torch.uint8))
-                y = onehot.argmax(1)
-            else:
-                z, y = lat, None
-            _check(z, lat_path, "noise z", SHAPE, (torch.float32,))
-            _check(img, img_path, "images", SHAPE, (torch.float32, torch.float64))
-            if len(img) != len(z) or (y is not None and len(y) != len(z)):
-                raise UsageError(f"{lat_path} and {img_path} hold different numbers of pairs "
-                                 f"({len(z)} latents, {len(img)} images).")
-            self.files.append((z, y, img))
-        self.conditional = self.files[0][1] is not None
-        if any((f[1] is not None) != self.conditional for f in self.files):
-            raise UsageError(f"{lat_dir} mixes conditional and unconditional latent files.")
-        self.offsets = np.cumsum([0] + [len(f[0]) for f in self.files])  # global index of each file's row 0
-        total = int(self.offsets[-1])
-        self.start, self.stop = start, total if stop is None else stop
+
+def read_get_file(lat_path, img_path):
+    """One pair of GET files, memory-mapped and checked -> (z float32 [n,3,32,32], labels int64 [n] or None for
+    unconditional pairs, images float32/float64 [n,3,32,32])."""
+    lat, img = _load_mmap(lat_path), _load_mmap(img_path)
+    if isinstance(lat, (list, tuple)):  # conditional: [z, one-hot labels]
+        if len(lat) != 2:
+            raise UsageError(f"{lat_path}: a conditional latent file must be a list [z, one-hot labels], got a list "
+                             f"of {len(lat)} items.")
+        z, onehot = lat
+        _check(onehot, lat_path, "one-hot labels", (NUM_CLASSES,), (torch.float32, torch.float64, torch.int64,
+                                                                     torch.uint8))
+        y = onehot.argmax(1)
+    else:
+        z, y = lat, None
+    _check(z, lat_path, "noise z", SHAPE, (torch.float32,))
+    _check(img, img_path, "images", SHAPE, (torch.float32, torch.float64))
+    if len(img) != len(z) or (y is not None and len(y) != len(z)):
+        raise UsageError(f"{lat_path} and {img_path} hold different numbers of pairs ({len(z)} latents, {len(img)} "
+                         f"images).")
+    return z, y, img
+
+
+ROW = 2 * int(np.prod(SHAPE))  # float32 values per pair in pairs.npy: z, then x
+
+
+def source_of(files):
+    """What a conversion was made from: every file's name, size and modification time."""
+    return [[os.path.relpath(p, os.path.dirname(os.path.dirname(p))), os.path.getsize(p), os.stat(p).st_mtime_ns]
+            for pair in files for p in pair]
+
+
+def arrays_folder(root):
+    """Where GET's pairs are kept converted: PATH/dit-nano-arrays beside them when PATH is writable, else a folder
+    of the toy cache named by PATH (data/, or $DIT_NANO_CACHE)."""
+    root = os.path.realpath(root)
+    if os.access(root, os.W_OK):
+        return os.path.join(root, "dit-nano-arrays")
+    return os.path.join(CACHE_DIR, "get-arrays-" + hashlib.sha1(root.encode()).hexdigest()[:10])
+
+
+def convert_get(files, folder):
+    """GET's files, one pair of files at a time, into two arrays in `folder`: pairs.npy float32 [N,2,3,32,32] (each
+    pair's z and x side by side, so a pair is one contiguous read) and labels.npy int64 [N] (10: the null class of
+    unconditional pairs), then source.json. Written in a temp folder renamed when complete, so an interrupted
+    conversion leaves nothing half-made. Images are stored as float32, what training reads."""
+    counts, conditional = [], None
+    for lat_path, img_path in files:  # check every file before writing gigabytes
+        z, y, x = read_get_file(lat_path, img_path)
+        counts.append(len(z))
+        if conditional is None:
+            conditional = y is not None
+        elif conditional != (y is not None):
+            raise UsageError(f"{os.path.dirname(lat_path)} mixes conditional and unconditional latent files.")
+    total = sum(counts)
+    parent = os.path.dirname(folder)
+    writable_dir(parent, "the converted pairs' folder")
+    need, free = total * (4 * ROW + 8), shutil.disk_usage(parent).free
+    if free < need * 1.02:
+        raise UsageError(f"converting {total:,} pairs into contiguous arrays needs {need / 1e9:.1f} GB in {parent}, "
+                         f"which has {free / 1e9:.1f} GB free; free some space, or point DIT_NANO_CACHE at a disk with "
+                         f"room (used when the data folder is read-only).")
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    labels = np.empty(total, np.int64)
+    t0, row = time.time(), 0
+    with open(os.path.join(tmp, "pairs.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (total, 2, *SHAPE)})
+        for k, ((lat_path, img_path), n) in enumerate(zip(files, counts)):
+            z, y, x = read_get_file(lat_path, img_path)
+            np.stack([z.numpy(), x.numpy().astype(np.float32)], 1).tofile(f)  # one file's pairs in memory at a time
+            labels[row:row + n] = y.numpy() if y is not None else NUM_CLASSES
+            row += n
+            eta = (time.time() - t0) / row * (total - row)
+            print(f"converting {os.path.dirname(os.path.dirname(lat_path))}: file {k + 1}/{len(files)}, "
+                  f"{row:,}/{total:,} pairs, {time.time() - t0:.0f}s, eta {eta:.0f}s", flush=True)
+    np.save(os.path.join(tmp, "labels.npy"), labels)
+    with open(os.path.join(tmp, "source.json"), "w") as f:
+        json.dump({"pairs": total, "conditional": conditional, "files": source_of(files)}, f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+class ArrayPairs:
+    """GET's pairs converted by convert_get, rows start..stop. A batch reads each pair with one positioned read
+    (os.preadv, which releases the GIL) straight into the batch's memory, in file order: no file is mapped, so
+    resident memory is the labels (8 bytes a pair) and the batches, whatever the set's size."""
+
+    def __init__(self, folder, start=0, stop=None):
+        with open(os.path.join(folder, "source.json")) as f:
+            source = json.load(f)
+        self.folder, self.conditional, self.source = folder, source["conditional"], source["files"]
+        self.labels = torch.from_numpy(np.load(os.path.join(folder, "labels.npy")))
+        self.path = os.path.join(folder, "pairs.npy")
+        with open(self.path, "rb") as f:
+            np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            self.offset = f.tell()  # where row 0 starts
+        expected = (source["pairs"], 2, *SHAPE)
+        if (shape, fortran, dtype) != (expected, False, np.float32) or self.labels.shape != (source["pairs"],) or \
+                os.path.getsize(self.path) != self.offset + 4 * ROW * source["pairs"]:
+            raise ValueError(f"{self.path} is {dtype} {shape} of {os.path.getsize(self.path)} bytes and labels.npy "
+                             f"{tuple(self.labels.shape)}, not float32 {expected} and ({source['pairs']},)")
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.start, self.stop = start, source["pairs"] if stop is None else stop
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
 
     def __len__(self):
         return self.stop - self.start
 
     def batch(self, idx):
-        idx = torch.as_tensor(idx) + self.start
-        file_of = np.searchsorted(self.offsets, idx.numpy(), side="right") - 1
-        z = torch.empty(len(idx), *SHAPE)
-        x = torch.empty(len(idx), *SHAPE)
-        y = torch.full((len(idx),), NUM_CLASSES, dtype=torch.long)  # unconditional: the null class
-        for f in np.unique(file_of):
-            rows = torch.from_numpy(np.nonzero(file_of == f)[0])
-            local = idx[rows] - int(self.offsets[f])
-            fz, fy, fx = self.files[f]
-            z[rows] = fz[local]
-            x[rows] = fx[local].float()
-            if fy is not None:
-                y[rows] = fy[local]
-        return z, y, x
+        """idx [B] -> (z [B,3,32,32], y [B], x [B,3,32,32]), in idx's order."""
+        idx = torch.as_tensor(idx, dtype=torch.long) + self.start
+        where = self.offset + 4 * ROW * idx.numpy()  # each pair's byte offset
+        out = np.empty((len(idx), 2, *SHAPE), np.float32)
+        rows = out.reshape(len(idx), -1)
+        order = np.argsort(where, kind="stable")  # ascending offsets: the disk's and the cache's order
+        if hasattr(os, "posix_fadvise"):  # ask for every pair at once: a disk serves them in parallel (4x when cold)
+            for i in order:
+                os.posix_fadvise(self.fd, int(where[i]), 4 * ROW, os.POSIX_FADV_WILLNEED)
+        for i in order:
+            if os.preadv(self.fd, [rows[i]], int(where[i])) != 4 * ROW:
+                raise OSError(f"{self.path} ended early: convert the folder again (delete {self.folder})")
+        pairs = torch.from_numpy(out)
+        return pairs[:, 0], self.labels[idx], pairs[:, 1]
 
     def split(self, heldout):
         """The last `heldout` pairs for measurement, the rest for training."""
         if not 0 < heldout < len(self):
             raise UsageError(f"--holdout {heldout} must be between 1 and one less than the {len(self)} pairs found.")
-        train, held = GETPairs.__new__(GETPairs), GETPairs.__new__(GETPairs)
-        for part in (train, held):
-            part.__dict__.update(self.__dict__)
-        train.stop = held.start = self.stop - heldout
-        return train, held
+        n = self.stop - heldout
+        return ArrayPairs(self.folder, self.start, n), ArrayPairs(self.folder, n, self.stop)
+
+
+def load_get(root):
+    """GET's folder as ArrayPairs: converted once into contiguous arrays (arrays_folder), reused while the
+    source files are unchanged (same names, sizes, modification times), converted again when they change."""
+    files = get_files(root)
+    folder = arrays_folder(root)
+    try:
+        pairs = ArrayPairs(folder)
+        if pairs.source == source_of(files):
+            return pairs
+        why = "the source files changed since they were converted"
+    except FileNotFoundError:
+        why = "once; a batch is then one gather instead of a visit to every file"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # our own conversion, cut short or damaged: redo it
+        why = f"the earlier conversion cannot be read: {type(e).__name__}: {e}"
+    print(f"{root}: converting GET's pairs into contiguous arrays in {folder} ({why})", flush=True)
+    convert_get(files, folder)
+    return ArrayPairs(folder)
 
 
 def write_synthetic_get(root, n_files=2, per_file=5, conditional=True, image_dtype=torch.float32, seed=0):
@@ -310,7 +416,7 @@ def load_pairs(spec, heldout=1000, **toy_kwargs):
     """'toy' or a GET folder -> (train Pairs, held-out Pairs)."""
     if spec == "toy":
         return load_toy(n_heldout=heldout, **toy_kwargs)
-    return GETPairs(os.path.expanduser(spec)).split(heldout)
+    return load_get(os.path.expanduser(spec)).split(heldout)
 
 
 def class_means(pairs, max_pairs=20000):

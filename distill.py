@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import queue
 import signal
 import sys
 import threading
@@ -365,6 +366,39 @@ def batch_of_step(train_set, step, args, rank=0, world=1):
     return z, torch.where(drop, torch.full_like(y, dit.NUM_CLASSES), y), x
 
 
+def prefetched(make, steps, depth=4, pin=False):
+    """make(step) for each step of `steps`, made by a background thread up to `depth` steps ahead (in pinned memory
+    when pin, so the copy to a GPU overlaps its work): the training thread only takes a finished batch. Memory
+    holds at most depth + 2 batches. An error in make() is raised here, at that step."""
+    ready = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for step in steps:
+                item = tuple(t.pin_memory() for t in make(step)) if pin else make(step)
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        except Exception as e:  # raised in the training thread, where it belongs
+            ready.put((None, e))
+
+    threading.Thread(target=work, daemon=True, name="prefetch").start()
+    try:
+        for _ in steps:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            yield item
+    finally:  # the loop ended, broke off or was interrupted: the thread stops at its next batch
+        stop.set()
+
+
 def ema_decay(step, ema):
     """EMA decay at optimiser step `step` (0-based): warmed up as min(ema, (1 + step) / (10 + step))."""
     return min(ema, (1 + step) / (10 + step))
@@ -471,11 +505,11 @@ def train(args, method=None):
 
     # -- data: the teacher's pairs, a held-out split, the step count ---------------------------------
     toy = data.toy_options(args)
-    if master or args.data != "toy":
+    if master:
         train_set, held = data.load_pairs(args.data, args.holdout, **toy)
     if world > 1:
-        dist.barrier()  # rank 0 builds the toy cache, the others then read it
-        if not master and args.data == "toy":
+        dist.barrier()  # rank 0 builds the toy cache or converts GET's pairs; the others then read them
+        if not master:
             train_set, held = data.load_pairs(args.data, args.holdout, **toy)
     # unconditional pairs train the null class only: such a model is sampled with it, without guidance
     args.conditional = bool(getattr(train_set, "conditional", True))
@@ -532,13 +566,16 @@ def train(args, method=None):
     bar = None
     run.model.train()
     stop_on_sigterm()
+    # the batches, gathered by a background thread ahead of the step that needs them
+    batches = prefetched(lambda s: batch_of_step(train_set, s, args, rank, world), range(step, total),
+                         pin=device.type == "cuda")
     try:
         while step < total:
             if bar is None:  # a new epoch (or the first after a resume)
                 epoch, in_epoch = divmod(step, steps_per_epoch)
                 bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch}", leave=False,
                            disable=not master or not sys.stderr.isatty())
-            z, y, x = (t.to(device, non_blocking=True) for t in batch_of_step(train_set, step, args, rank, world))
+            z, y, x = (t.to(device, non_blocking=True) for t in next(batches))
             loss, terms = train_step(run, z, y, x, step)
             step += 1
             loss_sum += loss
@@ -584,6 +621,8 @@ def train(args, method=None):
         log(f"error: {e}. Stopped; the last good checkpoint {ckpt_path} is kept (nothing was saved after it). "
             f"Try a lower --lr, or --dtype fp32.")
         sys.exit(1)
+    finally:
+        batches.close()  # stops the prefetching thread
 
     # -- the end ---------------------------------------------------------------------------------
     if world > 1:
