@@ -25,6 +25,11 @@ import numpy as np
 import torch
 
 
+CACHE_DIR = os.environ.get("DIT_NANO_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+"""Where downloads and computed files are cached (toy pairs and networks, CIFAR-10, FID statistics): data/ beside
+the scripts, or $DIT_NANO_CACHE. Read at call time, so a test can point it elsewhere."""
+
+
 class UsageError(ValueError):
     """Bad input a user can fix (a flag, a file, a folder): the message names the problem and the fix.
     Scripts print it as one paragraph and exit with code 2; a ValueError for code that calls the library."""

@@ -6,10 +6,8 @@ Teacher noise-image pairs (z, y, x) for one-step distillation: the student learn
 
 Two sources, one interface (`load_pairs` -> train and held-out `Pairs`, each with `.batch(idx)`):
 
-- `toy` (the offline default): a procedurally drawn, CIFAR-shaped 10-class image set and an *exact*
-  EDM teacher for it, the closed-form optimal denoiser of the empirical class-conditional distribution
-  D(x; sigma, c) = sum_i softmax_i(-|x - x_i|^2 / 2 sigma^2) x_i, driven by EDM's deterministic
-  18-step Heun sampler (rho 7, sigma 80 -> 0.002, last step Euler) from x = 80 z. Cached under data/.
+- `toy` (the offline default): toy.py's exact EDM teacher of a CIFAR-shaped family of shapes, its pairs
+  made once and cached under data/ (or $DIT_NANO_CACHE).
 - `PATH`: the pairs the GET authors released (EDM-Cond-CIFAR / EDM-Uncond-CIFAR, 1M each):
   PATH/latent/*.pkl and PATH/image/*.pkl, saved with torch.save. Conditional latents are a list
   [z float32 [n,3,32,32], one-hot labels float32 [n,10]], unconditional ones the bare z; images are
@@ -27,13 +25,11 @@ import time
 import numpy as np
 import torch
 
-from common import UsageError, atomic_write, check_number, exit_on_usage_error, writable_dir
+import common
+import toy
+from common import UsageError, exit_on_usage_error, writable_dir
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE_DIR = os.environ.get("DIT_NANO_CACHE", os.path.join(HERE, "data"))  # where the toy pairs are cached
-NUM_CLASSES = 10
-SHAPE = (3, 32, 32)
-SIGMA_MIN, SIGMA_MAX, RHO, STEPS = 0.002, 80.0, 7.0, 18  # EDM's sampler for CIFAR-10
+NUM_CLASSES, SHAPE = toy.NUM_CLASSES, toy.SHAPE  # CIFAR-10's: 10 classes of 3x32x32 images
 
 
 class Pairs:
@@ -48,138 +44,6 @@ class Pairs:
 
     def batch(self, idx):
         return self.z[idx], self.y[idx], self.x[idx]
-
-
-# ----------------------------------------------------------------------------------------------
-# The toy teacher
-
-def draw_images(per_class, seed):
-    """per_class images of each of 10 procedural classes -> float32 [10*per_class,3,32,32] on [-1,1], labels.
-    Classes: disc, square, triangle, ring, plus, horizontal stripes, vertical stripes, diagonal
-    stripes, checkerboard, two discs; random colours, gradient backgrounds, sizes and positions."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32) + 0.5  # pixel centres [32,32]
-    images, labels = [], []
-    for c in range(NUM_CLASSES):
-        for _ in range(per_class):
-            fg, bg, bg2 = rng.uniform(-1, 1, size=(3, 3, 1, 1)).astype(np.float32)
-            cx, cy = rng.uniform(9, 23, size=2)
-            r = rng.uniform(5, 10)
-            period, phase = rng.uniform(5, 10), rng.uniform(0, 2 * np.pi)
-            dx, dy = np.abs(xx - cx), np.abs(yy - cy)
-            dist = np.hypot(xx - cx, yy - cy)
-            # signed "inside" amount per class; soft edges (1 pixel) keep the images smooth like photos
-            inside = [
-                r - dist,                                                  # 0 disc
-                r - np.maximum(dx, dy),                                    # 1 square
-                np.minimum(yy - (cy - r), r - dx - 0.5 * (cy + r - yy)),   # 2 triangle (apex up)
-                r / 3 - np.abs(dist - r * 0.75),                           # 3 ring
-                np.maximum(np.minimum(r - dx, r / 3 - dy), np.minimum(r / 3 - dx, r - dy)),  # 4 plus
-                2 * np.sin(2 * np.pi * yy / period + phase),               # 5 horizontal stripes
-                2 * np.sin(2 * np.pi * xx / period + phase),               # 6 vertical stripes
-                2 * np.sin(2 * np.pi * (xx + yy) / (1.4 * period) + phase),  # 7 diagonal stripes
-                2 * np.sin(np.pi * xx / period + phase) * np.sin(np.pi * yy / period + phase),  # 8 checks
-                np.maximum(r / 2 - np.hypot(xx - cx + r / 1.5, yy - cy), r / 2 - np.hypot(xx - cx - r / 1.5, yy - cy)),
-            ][c]
-            alpha = np.clip(inside + 0.5, 0, 1)[None]  # [1,32,32]
-            ramp = (xx + yy)[None] / 64                # background gradient from bg to bg2
-            back = bg * (1 - ramp) + bg2 * ramp
-            images.append(alpha * fg + (1 - alpha) * back)
-            labels.append(c)
-    return torch.from_numpy(np.stack(images)).float(), torch.tensor(labels)
-
-
-def rho_schedule(t, sigma_min=SIGMA_MIN):
-    """EDM's noise levels as a function of t in [0,1]: sigma_min at t = 0, SIGMA_MAX at t = 1, evenly spaced
-    in sigma^(1/rho). The sampler walks it from t = 1 down; mi1.py reads it forwards."""
-    return (sigma_min ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - sigma_min ** (1 / RHO))) ** RHO
-
-
-def edm_sigmas(steps=STEPS):
-    """EDM's time steps t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N, then 0."""
-    i = torch.arange(steps, dtype=torch.float64)
-    return torch.cat([rho_schedule(1 - i / (steps - 1)), torch.zeros(1, dtype=torch.float64)])
-
-
-def exact_denoiser(x, sigma, bank):
-    """Optimal denoiser of the empirical distribution of `bank` [n,D]: x [b,D] -> E[x0 | x] [b,D].
-    Float64, because at sigma = 0.002 the logits -|x-x_i|^2/2sigma^2 are ~1e5 times the distances."""
-    d2 = (x * x).sum(1, keepdim=True) - 2 * x @ bank.T + (bank * bank).sum(1)[None]  # [b,n]
-    return torch.softmax(-d2 / (2 * sigma ** 2), dim=1) @ bank
-
-
-def heun_solve(x, sigmas, denoise):
-    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): integrates the probability-flow ODE
-    dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] down to sigmas[-1], with Heun's 2nd-order correction
-    on every step except one that ends at sigma = 0 (Euler). x [b,D] at sigmas[0] -> x [b,D] at sigmas[-1]."""
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoise(x, s)) / s
-        x_next = x + (s_next - s) * d
-        if s_next > 0:
-            d_next = (x_next - denoise(x_next, s_next)) / s_next
-            x_next = x + (s_next - s) * (d + d_next) / 2
-        x = x_next
-    return x
-
-
-def teacher_sample(z, y, bank, labels, steps=STEPS):
-    """EDM's Heun sampler on the exact class-conditional denoiser: unit noise z [B,3,32,32] and labels
-    y [B] -> teacher images [B,3,32,32] (float32)."""
-    sigmas = edm_sigmas(steps)
-    out = torch.empty(z.shape, dtype=torch.float32)
-    for c in y.unique().tolist():
-        rows = (y == c).nonzero().squeeze(1)
-        images = bank[labels == c].flatten(1).double()  # the class's training images [n,D]
-        x = heun_solve(z[rows].flatten(1).double() * sigmas[0], sigmas,  # from x = 80 z
-                       lambda x, sigma: exact_denoiser(x, sigma, images))
-        out[rows] = x.float().view(-1, *SHAPE)
-    return out
-
-
-def toy_pairs(n, seed, bank, labels, chunk=2000, desc="pairs"):
-    """n teacher pairs with uniform labels from a seeded generator -> Pairs."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, *SHAPE, generator=g)
-    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-    x = torch.empty_like(z)
-    t0 = time.time()
-    for i in range(0, n, chunk):
-        x[i:i + chunk] = teacher_sample(z[i:i + chunk], y[i:i + chunk], bank, labels)
-        done = min(i + chunk, n)
-        eta = (time.time() - t0) / done * (n - done)
-        print(f"toy teacher: {desc} {done}/{n}, {time.time() - t0:.0f}s, eta {eta:.0f}s", flush=True)
-    return Pairs(z, y, x)
-
-
-def check_toy(n_train, n_heldout, per_class, seed):
-    """The toy teacher's sizes and seed, as the flags name them; UsageError if out of range."""
-    for value, flag in ((n_train, "--toy-pairs"), (n_heldout, "--holdout"), (per_class, "--toy-per-class")):
-        check_number(value, flag, low=1, integer=True)
-    check_number(seed, "--toy-seed", low=0, integer=True)
-
-
-def load_toy(n_train=20000, n_heldout=1000, per_class=100, seed=0, cache_dir=None):
-    """Toy teacher pairs, built once and cached; deterministic for (n_train, n_heldout, per_class, seed).
-    A cache file that cannot be read (a copy cut short, say) is built again."""
-    check_toy(n_train, n_heldout, per_class, seed)
-    cache_dir = cache_dir or CACHE_DIR
-    key = hashlib.sha1(f"toy-v1 {n_train} {n_heldout} {per_class} {seed}".encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"toy_{key}.pt")
-    if os.path.exists(path):
-        try:
-            blob = torch.load(path, weights_only=True)
-            return Pairs(**blob["train"]), Pairs(**blob["heldout"])
-        except Exception as e:  # our own cache: rebuild it rather than stop
-            print(f"toy teacher: the cache {path} cannot be read ({type(e).__name__}); building it again")
-    writable_dir(cache_dir, "the toy-pair cache folder (DIT_NANO_CACHE)")  # before minutes of work, not after
-    bank, labels = draw_images(per_class, seed)
-    train = toy_pairs(n_train, seed + 1, bank, labels, desc="train pairs")
-    held = toy_pairs(n_heldout, seed + 2, bank, labels, desc="held-out pairs")
-    blob = {"bank": bank, "bank_labels": labels, "train": vars(train), "heldout": vars(held),
-            "config": dict(n_train=n_train, n_heldout=n_heldout, per_class=per_class, seed=seed)}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))  # an interrupted build leaves no half file
-    print(f"toy teacher: cached {n_train} + {n_heldout} pairs in {path}")
-    return train, held
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +122,7 @@ def arrays_folder(root):
     root = os.path.realpath(root)
     if os.access(root, os.W_OK):
         return os.path.join(root, "dit-nano-arrays")
-    return os.path.join(CACHE_DIR, "get-arrays-" + hashlib.sha1(root.encode()).hexdigest()[:10])
+    return os.path.join(common.CACHE_DIR, "get-arrays-" + hashlib.sha1(root.encode()).hexdigest()[:10])
 
 
 def convert_get(files, folder):
@@ -401,21 +265,21 @@ def add_flags(parser):
     g.add_argument("--data", default="toy", help="'toy' (built-in exact EDM teacher) or a folder of GET's pairs")
     g.add_argument("--holdout", type=int, default=1000, help="held-out pairs for measurement (never trained on)")
     g.add_argument("--toy-pairs", type=int, default=20000, help="toy: training pairs the teacher makes")
-    g.add_argument("--toy-per-class", type=int, default=100, help="toy: training images per class")
-    g.add_argument("--toy-seed", type=int, default=0, help="toy: seed of the teacher's images and pairs (apart "
+    g.add_argument("--toy-seed", type=int, default=0, help="toy: seed of the teacher's noise and labels (apart "
                    "from distill.py's --seed, so that seed repeats vary the training, not the task)")
     return g
 
 
 def toy_options(args):
-    """The toy flags as load_toy's keywords; {} for real data, which ignores them."""
-    return dict(n_train=args.toy_pairs, per_class=args.toy_per_class, seed=args.toy_seed) if args.data == "toy" else {}
+    """The toy flags as load_pairs' keywords; {} for real data, which ignores them."""
+    return dict(n_train=args.toy_pairs, seed=args.toy_seed) if args.data == "toy" else {}
 
 
 def load_pairs(spec, heldout=1000, **toy_kwargs):
-    """'toy' or a GET folder -> (train Pairs, held-out Pairs)."""
+    """'toy' or a GET folder -> (train pairs, held-out pairs): Pairs in memory, or ArrayPairs on disk."""
     if spec == "toy":
-        return load_toy(n_heldout=heldout, **toy_kwargs)
+        train, held = toy.load_pairs(common.CACHE_DIR, n_heldout=heldout, **toy_kwargs)
+        return Pairs(**train), Pairs(**held)
     return load_get(os.path.expanduser(spec)).split(heldout)
 
 

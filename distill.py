@@ -29,10 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import data
 import dit
 import fid
 import sample
+import toy
 from common import (UsageError, atomic_write, check_number, compile_problem, download_file,
                     exit_on_usage_error, hardware, load_torch_file, pick_device, positive_ints, writable_dir,
                     write_json)
@@ -41,7 +43,7 @@ from common import (UsageError, atomic_write, check_number, compile_problem, dow
 # Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
 
 PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, log_every=100)
-TOY = dict(loss="l2", batch=32, steps=1200, lr=3e-4, log_every=50, eval_every=400)
+TOY = dict(loss="toy-lpips", batch=32, steps=1200, lr=2e-3, log_every=50, eval_every=400)
 
 
 def get_parser(method=None):
@@ -51,12 +53,13 @@ def get_parser(method=None):
                              "model (DESIGN.md 1-2); default: the design (%d,%d,%d)" % design)
     data.add_flags(p)
     g = p.add_argument_group("optimisation (paper, appendix C)")
-    g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: l2)")
+    g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: toy-lpips, the toy "
+                   "teacher's stand-in for LPIPS, see toy.py)")
     g.add_argument("--lpips-net", choices=sorted(LPIPS_BACKBONES), default="vgg", help="LPIPS trunk (GET: vgg)")
     g.add_argument("--lpips-size", type=int, default=224, help="upsample to this size before LPIPS (0: 32x32)")
     g.add_argument("--lpips-backbone", help="local trunk weights file (vgg16-397923af.pth / alexnet-owt-"
                    "7be5be79.pth); 'random' for random weights (tests only)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate, constant (real: 1e-4; toy: 3e-4)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate, constant (real: 1e-4; toy: 2e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
@@ -157,6 +160,7 @@ LOSSES = {
     "l1": lambda args, device: lambda pred, target: (pred - target).abs().mean(),
     "l2": lambda args, device: lambda pred, target: ((pred - target) ** 2).mean(),
     "lpips": lpips_loss,
+    "toy-lpips": lambda args, device: toy.perceptual_loss(common.CACHE_DIR, device),  # LPIPS's form, toy network
 }
 
 
@@ -177,7 +181,10 @@ def resolve(args):
     args.depth, args.width, args.heads = dit.resolve_design(args, default=args.default_design)
     positive_ints(args, "batch", "steps", "log_every", "eval_every", "holdout", "fid_every")
     if args.data == "toy":
-        data.check_toy(args.toy_pairs, args.holdout, args.toy_per_class, args.toy_seed)
+        toy.check_sizes(args.toy_pairs, args.holdout, args.toy_seed)
+    elif args.loss == "toy-lpips":
+        raise UsageError("--loss toy-lpips compares images in the features of a network trained on the toy "
+                         "teacher's shapes, which mean nothing for real images; use --loss lpips (or l1, l2).")
     check_number(args.seed, "--seed", low=0, integer=True)
     check_number(args.epochs, "--epochs", low=0, low_open=True)
     check_number(args.lr, "--lr", low=0, low_open=True)
@@ -250,18 +257,23 @@ def load_checkpoint(path):
 # Held-out measurement against the teacher
 
 @torch.no_grad()
-def evaluate(predict, held, device, lpips_net=None, batch=500):
-    """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given."""
-    sq, lp, n = 0.0, 0.0, len(held)
+def evaluate(predict, held, device, lpips_net=None, scorer=None, generate=None, batch=500):
+    """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given;
+    with a toy Scorer, also the toy FID and class accuracy of generate(z, y) (default: predict's images)."""
+    sq, lp, n, made = 0.0, 0.0, len(held), []
     for i in range(0, n, batch):
         z, y, x = (t.to(device) for t in held.batch(torch.arange(i, min(i + batch, n))))
         pred = predict(z, y).float()
         sq += ((pred - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
         if lpips_net is not None:
             lp += lpips_net(pred, x).sum().item()
+        if scorer is not None:
+            made.append((generate(z, y).float() if generate else pred).cpu())
     out = {"l2": sq / n, "psnr": data.psnr(sq / n)}
     if lpips_net is not None:
         out["lpips"] = lp / n
+    if scorer is not None:
+        out.update(scorer(torch.cat(made), held.batch(torch.arange(n))[1]))
     return out
 
 
@@ -286,7 +298,8 @@ def setup_fid(args, device, log):
 
 
 def fmt_metrics(m):
-    return " ".join(f"{k} {v:.4f}" if k != "psnr" else f"psnr {v:.2f} dB" for k, v in m.items())
+    formats = {"psnr": "psnr {:.2f} dB", "toy_fid": "toy_fid {:.2f}", "toy_acc": "toy_acc {:.1%}"}
+    return " ".join(formats.get(k, k + " {:.4f}").format(v) for k, v in m.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,15 +468,16 @@ def train_step(run, z, y, x, step):
     return loss.detach(), terms
 
 
-def measure(run, held, baseline, lpips_eval, fid_setup, step, config, device):
-    """Held-out metrics of the EMA model (and FID when fid_setup is given): appended to metrics.jsonl,
-    written as results.json, the sample grid redrawn. Returns the record."""
+def measure(run, held, baselines, lpips_eval, scorer, fid_setup, step, config, device):
+    """Held-out metrics of the EMA model (the toy metrics of its guided samples with a toy Scorer; FID when
+    fid_setup is given): appended to metrics.jsonl, written as results.json beside the baselines', the sample
+    grid redrawn. Returns the record."""
     args = SimpleNamespace(**config)
-    metrics = evaluate(run.ema, held, device, lpips_eval)
+    metrics = evaluate(run.ema, held, device, lpips_eval, scorer, lambda z, y: run.ema.sample(z, y, args.cfg_scale))
     if fid_setup is not None:
         metrics.update(fid.fid_of_model(run.ema, *fid_setup, n=args.fid_n, cfg_scale=args.cfg_scale, device=device,
                                         progress=sys.stderr.isatty(), conditional=args.conditional))
-    record = {"step": step, "ema": metrics, "class_mean": baseline, "param_count": args.param_count,
+    record = {"step": step, "ema": metrics, **baselines, "param_count": args.param_count,
               "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
               "data": args.data, "conditional": args.conditional,
               **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
@@ -504,13 +518,13 @@ def train(args, method=None):
         raise UsageError(f"--compile: {problem}; train without --compile.")
 
     # -- data: the teacher's pairs, a held-out split, the step count ---------------------------------
-    toy = data.toy_options(args)
+    toy_kwargs = data.toy_options(args)
     if master:
-        train_set, held = data.load_pairs(args.data, args.holdout, **toy)
+        train_set, held = data.load_pairs(args.data, args.holdout, **toy_kwargs)
     if world > 1:
         dist.barrier()  # rank 0 builds the toy cache or converts GET's pairs; the others then read them
         if not master:
-            train_set, held = data.load_pairs(args.data, args.holdout, **toy)
+            train_set, held = data.load_pairs(args.data, args.holdout, **toy_kwargs)
     # unconditional pairs train the null class only: such a model is sampled with it, without guidance
     args.conditional = bool(getattr(train_set, "conditional", True))
     _, args.cfg_scale = sample.guidance(vars(args), args.cfg_scale)
@@ -551,10 +565,17 @@ def train(args, method=None):
     log("config: " + json.dumps(config, sort_keys=True))
     if state is not None:
         log(f"resumed from {ckpt_path} at step {step}")
+    # the toy metrics (toy FID, class accuracy) stand in for FID on the toy teacher: rank 0 measures
+    scorer = toy.Scorer(train_set.x, common.CACHE_DIR) if args.data == "toy" and master else None
     means = data.class_means(train_set).to(device)
-    baseline = evaluate(lambda z, y: means[y], held, device, lpips_eval)
+    baselines = {"class_mean": evaluate(lambda z, y: means[y], held, device, lpips_eval, scorer)}
     log(f"class-mean baseline (predict the class's mean teacher image) on {len(held)} held-out pairs: "
-        f"{fmt_metrics(baseline)}")
+        f"{fmt_metrics(baselines['class_mean'])}")
+    if scorer is not None:
+        _, y_held, x_held = held.batch(torch.arange(len(held)))
+        baselines["teacher"] = scorer(x_held, y_held)
+        log(f"the teacher's own held-out images: {fmt_metrics(baselines['teacher'])} (the floor: a student that "
+            f"imitated it exactly would score this)")
     if lpips_eval is None:
         log("LPIPS metric skipped: its trunk weights are not in the torch hub cache (see README).")
     fid_setup = setup_fid(args, device, log) if master else None
@@ -605,10 +626,10 @@ def train(args, method=None):
             if step % eval_every == 0 or last or fid_due:
                 config["wall_s"] = round(time.time() - t_start + wall_before, 1)
                 if master:
-                    record = measure(run, held, baseline, lpips_eval, fid_setup if fid_due else None, step,
-                                     config, device)
+                    record = measure(run, held, baselines, lpips_eval, scorer, fid_setup if fid_due else None,
+                                     step, config, device)
                     log(f"eval step {step} | ema {fmt_metrics(record['ema'])} | class-mean psnr "
-                        f"{baseline['psnr']:.2f} dB")
+                        f"{baselines['class_mean']['psnr']:.2f} dB")
                     save_checkpoint(ckpt_path, run, step, config)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work done so far
         if bar:

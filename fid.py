@@ -13,7 +13,7 @@ below) -> 2048-d pool3 features and 1008 logits without bias. FID = |mu1-mu2|^2 
 float64 statistics (covariance ddof=1); IS = exp(E KL(p(y|x) || p(y))) over 10 splits, mean and std.
 Weights `pt_inception-2015-12-05-6726825d.pth` come from --inception PATH, else the torch hub cache, else are
 downloaded from pytorch-fid's release (sha256-checked). Reference statistics (CIFAR-10 train or test from the
-python tarball, md5-checked) are cached under data.CACHE_DIR. --ckpt also merges its numbers into the run's
+python tarball, md5-checked) are cached under common.CACHE_DIR. --ckpt also merges its numbers into the run's
 results.json (keys fid, is_mean, is_std, fid_n, fid_ref, fid_cfg_scale).
 
 API (what distill.py's --fid-every uses; bad input raises common.UsageError):
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import data
+import common
 import sample
 from common import (UsageError, check_number, download_file, exit_on_usage_error, file_digest, pick_device,
                     positive_ints, save_npz, writable_file, write_json)
@@ -424,12 +424,12 @@ def load_png_folder(path):
 
 
 def cifar_tarball(path=None, download=True):
-    """The CIFAR-10 python tarball: `path`, else data.CACHE_DIR's copy, else downloaded there (md5 checked)."""
+    """The CIFAR-10 python tarball: `path`, else common.CACHE_DIR's copy, else downloaded there (md5 checked)."""
     if path:
         if not os.path.isfile(path):
             raise UsageError(f"--cifar {path}: no such file (expected cifar-10-python.tar.gz from {CIFAR_URL}).")
         return path
-    file = os.path.join(data.CACHE_DIR, "cifar-10-python.tar.gz")
+    file = os.path.join(common.CACHE_DIR, "cifar-10-python.tar.gz")
     if os.path.isfile(file):
         return file
     hint = (f"Download {CIFAR_URL} elsewhere and pass --cifar PATH, or pass --ref FILE.npz with precomputed "
@@ -480,11 +480,11 @@ def read_stats(path):
 
 
 def reference_stats(which="train", cifar=None, net=None, device="cpu", batch=200, progress=False, download=True):
-    """Reference (mu, sigma): an .npz path, or CIFAR-10 'train'/'test' statistics, cached under data.CACHE_DIR by
+    """Reference (mu, sigma): an .npz path, or CIFAR-10 'train'/'test' statistics, cached under common.CACHE_DIR by
     split and by Inception weights (net.weights_id, set by load_inception) once computed."""
     if which not in CIFAR_FILES:
         return read_stats(which)
-    official = os.path.join(data.CACHE_DIR, f"fid_ref_cifar10_{which}_inception-{net.weights_id}.npz")
+    official = os.path.join(common.CACHE_DIR, f"fid_ref_cifar10_{which}_inception-{net.weights_id}.npz")
     if cifar is None and os.path.isfile(official):
         return read_stats(official)
     tar = cifar_tarball(cifar, download)
@@ -495,7 +495,7 @@ def reference_stats(which="train", cifar=None, net=None, device="cpu", batch=200
     else:
         pool3, _ = features_and_logits(net, read_cifar(tar, which), batch, device, progress)
         mu, sigma = statistics(pool3)
-        os.makedirs(data.CACHE_DIR, exist_ok=True)
+        os.makedirs(common.CACHE_DIR, exist_ok=True)
         save_npz(cache, mu=mu, sigma=sigma, n=len(pool3))  # atomic: an interrupted run never leaves a broken cache
     if md5 != CIFAR_MD5:
         print(f"warning: {tar} is not the official CIFAR-10 tarball (md5 {md5}, expected {CIFAR_MD5}); its "

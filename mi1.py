@@ -16,18 +16,18 @@ x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2), x(0) = x0. So t = 0 is the im
 80 z / sqrt(1 + 80^2). All other flags are distill.py's; checkpoints are distill.py's format (sample.py and fid.py
 read them).
 """
-import data
+import toy
 import distill
 from common import UsageError, check_number
 
 
-def trajectory_point(z, x0, t, sigma_min=data.SIGMA_MIN):
+def trajectory_point(z, x0, t, sigma_min=toy.SIGMA_MIN):
     """x(t) on the teacher's PF-ODE trajectory through (z, x0), in the variance-preserving scaling
     x(t) = sqrt(alpha) x0 + sqrt(1 - alpha) eps with alpha = 1/(1 + sigma^2). z, x0: [B,3,32,32]."""
     if t == 0:
         return x0  # the image itself (sigma(0) = sigma_min would leave a trace of noise)
-    eps = z - x0 / data.SIGMA_MAX  # inverts x(1) = (x0 + 80 eps)/sqrt(1 + 80^2) = 80 z/sqrt(1 + 80^2)
-    s = data.rho_schedule(t, sigma_min)
+    eps = z - x0 / toy.SIGMA_MAX  # inverts x(1) = (x0 + 80 eps)/sqrt(1 + 80^2) = 80 z/sqrt(1 + 80^2)
+    s = toy.rho_schedule(t, sigma_min)
     return (x0 + s * eps) / (1 + s * s) ** 0.5
 
 
@@ -48,7 +48,7 @@ def parse_mapping(args):
     if times[-1] != 0:
         raise UsageError(f"--t {args.times}: the last time must be 0, the image target of the final "
                          f"layer.")
-    check_number(args.sigma_min, "--sigma-min", low=0, high=data.SIGMA_MAX / 2, low_open=True)
+    check_number(args.sigma_min, "--sigma-min", low=0, high=toy.SIGMA_MAX / 2, low_open=True)
     return list(zip(layers, times))
 
 
@@ -66,7 +66,7 @@ class MultiInOne(distill.Method):
                        "trajectory target; the last must be the final block")
         g.add_argument("--t", dest="times", default="0.5,0", help="trajectory time per mapped layer, in [0,1] "
                        "(1: noise, 0: image); the last must be 0")
-        g.add_argument("--sigma-min", type=float, default=data.SIGMA_MIN, help="noise level at t = 0+ of the "
+        g.add_argument("--sigma-min", type=float, default=toy.SIGMA_MIN, help="noise level at t = 0+ of the "
                        "trajectory schedule: 0.002, where the VP teacher's sampler ended (the paper prints 0.02, "
                        "EDM's VE value)")
 
@@ -76,7 +76,7 @@ class MultiInOne(distill.Method):
     def build(cls, args, device, loss_fn):
         return cls(parse_mapping(args), loss_fn, args.sigma_min)
 
-    def __init__(self, mapping, loss_fn, sigma_min=data.SIGMA_MIN):
+    def __init__(self, mapping, loss_fn, sigma_min=toy.SIGMA_MIN):
         super().__init__()
         self.mapping, self.loss_fn, self.sigma_min = mapping[:-1], loss_fn, sigma_min
 

@@ -7,8 +7,10 @@ three panels and, for study.sh, one record per run (its results plus its design'
     python study.py --timings sweep.json --results 'runs/*/results.json' --plot tradeoff.png    # the runs'
     bash study.sh                          # the toy study: trains every design, times them, then calls this
 
-Quality: the runs' FID when any has one, else their held-out PSNR against the teacher; without --results,
-the paper's Table 6 FID beside our latency. Every run's design must be among the sweep's.
+Quality: the runs' FID when any has one, else their toy FID (toy.py), else their held-out PSNR against the
+teacher; without --results, the paper's Table 6 FID beside our latency. The table has a column per metric the
+runs report (toy FID, toy class accuracy, PSNR): the mean over a design's runs, +- the spread of seed repeats.
+Every run's design must be among the sweep's.
 """
 import argparse
 import glob
@@ -70,23 +72,36 @@ def load_results(patterns):
     return records
 
 
-def quality_of(records, rows):
-    """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
-    of their held-out PSNR, else the paper's Table 6 FID. Only runs of the most common loss and method are
-    averaged, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
-    if not records:
-        return "FID (paper, Table 6)", {tuple(r["design"]): r["paper_fid"] for r in rows if r["paper_fid"]}
+METRICS = {  # what a run's results.json may hold -> (column label, where it is)
+    "fid": ("FID (runs; lower is better)", lambda r: r.get("fid")),
+    "toy_fid": ("toy FID (runs; lower is better)", lambda r: r.get("ema", {}).get("toy_fid")),
+    "toy_acc": ("toy class accuracy (runs)", lambda r: r.get("ema", {}).get("toy_acc")),
+    "psnr": ("held-out PSNR dB (runs)", lambda r: r.get("ema", {}).get("psnr")),
+}
+
+
+def run_metrics(records):
+    """Per design, each metric's runs -> {metric: {(d,w,h): [values]}}, over runs of the most common loss and
+    method only, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
     setups = [(r.get("loss"), r.get("method")) for _, r in records]
     common = max(setups, key=setups.count)  # a tie goes to the first run's setup, so the order of --results decides
-    chosen = [r for (_, r), setup in zip(records, setups) if setup == common]
-    use_fid = any(r.get("fid") is not None for r in chosen)
-    values = {}
-    for r in chosen:
-        value = r.get("fid") if use_fid else r.get("ema", {}).get("psnr")
-        if value is not None:
-            values.setdefault(tuple(r["design"]), []).append(value)
-    label = "FID (runs; lower is better)" if use_fid else "held-out PSNR dB (runs)"
-    return label, {d: statistics.mean(v) for d, v in values.items()}
+    out = {}
+    for (_, r), setup in zip(records, setups):
+        for name, (_, get) in METRICS.items():
+            if setup == common and get(r) is not None:
+                out.setdefault(name, {}).setdefault(tuple(r["design"]), []).append(get(r))
+    return out
+
+
+def quality_of(records, rows):
+    """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
+    of their toy FID (the toy teacher's stand-in for it), else of their held-out PSNR, else the paper's Table 6
+    FID."""
+    if not records:
+        return "FID (paper, Table 6)", {tuple(r["design"]): r["paper_fid"] for r in rows if r["paper_fid"]}
+    values = run_metrics(records)
+    name = next(m for m in ("fid", "toy_fid", "psnr") if m in values)
+    return METRICS[name][0], {d: statistics.mean(v) for d, v in values[name].items()}
 
 
 def write_run_records(records, rows, folder):
@@ -111,20 +126,27 @@ def family(depth, width):
     return "deep" if depth > rule else "wide" if depth < rule - 1 else "rule"
 
 
-def sweep_table(rows, quality_label, quality, runs):
-    """Markdown: a row per design and mode; the runs' quality column only when --results gave one."""
+def sweep_table(rows, records):
+    """Markdown: a row per design and mode, and a column per metric the --results runs have: the mean over the
+    design's runs, +- their standard deviation where it has several (seed repeats)."""
     est = "extrapolated" if rows[0]["extrapolated"] else "measured"
+    values = run_metrics(records) if records else {}
     lines = [f"| design (d,w,h) | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
-             f"paper Jetson s | paper FID |" + (f" {quality_label} |" if runs else ""), "|" + " --- |" * (9 + runs)]
+             f"paper Jetson s | paper FID |" + "".join(f" {METRICS[m][0]} |" for m in values),
+             "|" + " --- |" * (9 + len(values))]
 
     def cell(value):
         return "" if value is None else f"{value:.2f}"
+
+    def spread(v):
+        return "" if not v else f"{statistics.mean(v):.{3 if max(v) <= 1 else 2}f}" + (
+            f" +- {statistics.stdev(v):.{3 if max(v) <= 1 else 2}f} ({len(v)} runs)" if len(v) > 1 else "")
     for r in rows:
         d = tuple(r["design"])
         lines.append(f"| ({d[0]},{d[1]},{d[2]}) | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
                      f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
                      f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
-                     + (f" {cell(quality.get(d))} |" if runs else ""))
+                     + "".join(f" {spread(values[m].get(d))} |" for m in values))
     return "\n".join(lines)
 
 
@@ -187,7 +209,7 @@ def main(argv=None):
                              f"--sweep --designs ... --json {args.timings}.")
     first = rows[0]
     quality_label, quality = quality_of(records, rows)
-    table = sweep_table(rows, quality_label, quality, bool(records))
+    table = sweep_table(rows, records)
     header = (f"{first['hardware']}, torch {first.get('torch', '?')}; {first['n']:,} images per design at batch "
               f"{first['batch']}, CFG {first['cfg_scale']:g}, median of {first['repeats']}; s per 50k = 50,000 / "
               f"measured img/s{' (~: extrapolated)' if first['extrapolated'] else ''}.")

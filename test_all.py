@@ -6,6 +6,7 @@ DiT-Nano's test suite: CPU only, no downloads, a few minutes.
 pytorch-fid is a test-only dependency: an independent FID Inception to check fid.py's against.
 """
 import contextlib
+import glob
 import io
 import json
 import math
@@ -40,6 +41,7 @@ import mi1
 import sample
 import study
 import ta
+import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--d", "2", "--w", "32", "--h", "4"]  # 32k-parameter student for fast loops
@@ -50,13 +52,16 @@ def cache(tmp_path_factory):
     """A private toy-pair cache: tests never touch data/ and share one small teacher run. Restored after."""
     d = str(tmp_path_factory.mktemp("toy_cache"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "CACHE_DIR", d)
-        mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses
+        mp.setattr(common, "CACHE_DIR", d)
+        mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses, which then find the toy networks trained here
+        mp.setattr(toy, "NET_STEPS", 20)  # the toy metric's networks, barely trained: the tests check plumbing
+        for kind in toy.NETS:  # trained now, so that every test and subprocess finds them in the cache
+            toy.trained_net(kind, d)
         yield d
 
 
 def toy_flags(cache):
-    return ["--data", "toy", "--toy-pairs", "256", "--toy-per-class", "8", "--holdout", "32"]
+    return ["--data", "toy", "--toy-pairs", "256", "--holdout", "32"]
 
 
 def run_script(*argv, env=None, **kw):
@@ -117,7 +122,7 @@ def write_fake_cifar(path, per_train_batch=2, test=10, seed=0):
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Files every end-to-end test shares: Inception weights, fake CIFAR-10, a checkpoint and its .npz, and a
-    folder for the reference statistics (fid_cache points data.CACHE_DIR there, one test at a time)."""
+    folder for the reference statistics (fid_cache points common.CACHE_DIR there, one test at a time)."""
     d = tmp_path_factory.mktemp("fid")
     state = random_inception_state(seed=4)
     # switch off all but 8 of Mixed_7c's 2048 output channels (a very negative BN bias before the ReLU): the
@@ -146,7 +151,7 @@ def world(tmp_path_factory):
 @pytest.fixture
 def fid_cache(world, monkeypatch):
     """The world, with FID's reference statistics cached in its own folder for this test (restored after)."""
-    monkeypatch.setattr(data, "CACHE_DIR", world["cache"])
+    monkeypatch.setattr(common, "CACHE_DIR", world["cache"])
     return world
 
 
@@ -226,40 +231,71 @@ def test_dit_bad_shapes_raise_clear_errors(d, w, h, phrase):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.py: toy teacher and GET layout
+# toy.py: the family, its exact teacher, the toy metrics
 
-def test_data_toy_teacher_is_exact():
-    bank, labels = data.draw_images(6, seed=1)
-    assert bank.shape == (60, 3, 32, 32) and bank.min() >= -1 and bank.max() <= 1
-    images = bank[labels == 4].flatten(1).double()
-    # at tiny sigma the optimal denoiser returns the nearest training image
-    x = images[2:3] + 0.001 * torch.randn(1, images.shape[1], dtype=torch.float64)
-    assert torch.allclose(data.exact_denoiser(x, 0.002, images), images[2:3], atol=1e-6)
-    # at huge sigma it returns the class mean
-    assert torch.allclose(data.exact_denoiser(x, 1e4, images), images.mean(0, keepdim=True), atol=1e-4)
-    # the sampled teacher images land on training images of their own class
+def brute_force_denoiser(x, sigma, m, mean=toy.COLOUR_MEAN, std=toy.COLOUR_STD):
+    """E[x0 | x] of toy.py's family written out with explicit covariances: modes j equally likely, per mode
+    x0 = B_j a with a ~ N(mu, tau^2 I) (6 colours), so x | j ~ N(B_j mu, sigma^2 I + tau^2 B_j B_j^T) and
+    E[x0 | x, j] = B_j mu + tau^2 B_j^T' C_j^-1 (x - B_j mu). x [b,3,P], masks m [J,P], all float64."""
+    b, channels, pixels = x.shape
+    eye = torch.eye(channels, dtype=torch.float64)
+    flat = x.reshape(b, -1)
+    log_p, means = [], []
+    for mask in m:
+        basis = torch.kron(eye, torch.stack([1 - mask, mask], 1))  # [3P, 6]: (bg, fg) of each channel
+        centre = basis @ torch.tensor(mean, dtype=torch.float64).repeat(channels)
+        cov = sigma ** 2 * torch.eye(channels * pixels, dtype=torch.float64) + std ** 2 * basis @ basis.T
+        log_p.append(torch.distributions.MultivariateNormal(centre, cov).log_prob(flat))
+        means.append(centre + std ** 2 * (basis @ basis.T @ torch.linalg.solve(cov, (flat - centre).T)).T)
+    weight = torch.softmax(torch.stack(log_p, 1), 1)
+    return (weight[:, :, None] * torch.stack(means, 1)).sum(1).view(b, channels, pixels)
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.3, 2.0, 30.0])
+def test_toy_denoiser_is_the_exact_posterior_mean(sigma):
     g = torch.Generator().manual_seed(0)
-    z, y = torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, 10, (20,), generator=g)
-    out = data.teacher_sample(z, y, bank, labels)
-    dist = torch.cdist(out.flatten(1), bank.flatten(1))
-    assert (labels[dist.argmin(1)] == y).all()
-    assert (dist.min(1).values ** 2 / 3072).max() < 1e-4
+    m = torch.rand(4, 40, generator=g, dtype=torch.float64)  # 4 modes of 40 "pixels": small enough to write out
+    x = torch.randn(3, 3, 40, generator=g, dtype=torch.float64) * 0.8
+    assert torch.allclose(toy.denoiser(x, sigma, m), brute_force_denoiser(x, sigma, m), atol=1e-9, rtol=1e-9)
 
 
-def test_data_edm_sigmas():
-    s = data.edm_sigmas()
+def test_toy_draws_and_teacher_images_lie_on_the_family():
+    g = torch.Generator().manual_seed(0)
+    x, y = toy.draw(40, g)
+    assert x.shape == (40, 3, 32, 32) and y.shape == (40,) and set(y.tolist()) <= set(range(10))
+
+    def residual(images, labels):  # distance to the nearest image of its class's family (best mode, best colours)
+        out = []
+        for img, c in zip(images.double(), labels):
+            m = toy.MASKS[int(c)]
+            per_mode = []
+            for mask in m:
+                basis = torch.stack([1 - mask, mask], 1)  # [P,2]
+                fit = basis @ torch.linalg.lstsq(basis, img.view(3, -1).T).solution
+                per_mode.append(((fit - img.view(3, -1).T) ** 2).mean())
+            out.append(min(per_mode))
+        return torch.stack(out)
+    assert residual(x, y).max() < 1e-12
+    z = torch.randn(20, 3, 32, 32, generator=g)
+    labels = torch.arange(20) % 10
+    teacher = toy.teacher_sample(z, labels)
+    assert residual(teacher, labels).max() < 1e-5  # EDM's sampler lands on the family, in its class
+    assert residual(teacher, (labels + 1) % 10).min() > 1e-3  # and not on another class's
+
+
+def test_toy_edm_sigmas():
+    s = toy.edm_sigmas()
     assert len(s) == 19 and s[0] == 80 and abs(s[17] - 0.002) < 1e-12 and s[18] == 0
     assert (s[1:] < s[:-1]).all()
     i = torch.arange(18, dtype=torch.float64)  # EDM eq. 5, written out here
     assert torch.allclose(s[:18], (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7, rtol=1e-12)
 
 
-def test_data_toy_teacher_follows_edm_algorithm_1():
-    """The sampler's trajectory, not only its end (the last step, Euler to sigma = 0, snaps to a training
-    image whatever came before): stopped at sigma 0.5, a wrong Heun weight or a skipped correction shows."""
-    bank, labels = data.draw_images(3, seed=2)
-    images = bank[labels == 5].flatten(1).double()
-    denoise = lambda x, sigma: data.exact_denoiser(x, sigma, images)  # noqa: E731
+def test_toy_teacher_follows_edm_algorithm_1():
+    """The sampler's trajectory, not only its end (the last step, Euler to sigma = 0, lands on the family
+    whatever came before): stopped at sigma 0.5, a wrong Heun weight or a skipped correction shows."""
+    def denoise(x, sigma):
+        return toy.denoiser(x.view(len(x), 3, -1), sigma, toy.MASKS[5]).flatten(1)
     z = torch.randn(2, 3 * 32 * 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t = [80.0, 10.0, 2.5, 0.5]
     x = z * t[0]
@@ -267,22 +303,67 @@ def test_data_toy_teacher_follows_edm_algorithm_1():
         d = (x - denoise(x, t[i])) / t[i]
         x_euler = x + (t[i + 1] - t[i]) * d
         x = x + (t[i + 1] - t[i]) * (0.5 * d + 0.5 * (x_euler - denoise(x_euler, t[i + 1])) / t[i + 1])
-    assert torch.allclose(data.heun_solve(z * t[0], torch.tensor(t, dtype=torch.float64), denoise), x, atol=1e-9)
+    assert torch.allclose(toy.heun_solve(z * t[0], torch.tensor(t, dtype=torch.float64), denoise), x, atol=1e-9)
     # ... and teacher_sample is that solver over EDM's schedule, from x = 80 z
-    y = torch.tensor([5, 5])
-    sigmas = data.edm_sigmas(4)
-    expected = data.heun_solve(z * 80, sigmas, denoise).float().view(2, 3, 32, 32)
-    assert torch.allclose(data.teacher_sample(z.float().view(2, 3, 32, 32), y, bank, labels, steps=4), expected,
-                          atol=1e-5)
+    expected = toy.heun_solve(z * 80, toy.edm_sigmas(4), denoise).float().view(2, 3, 32, 32)
+    assert torch.allclose(toy.teacher_sample(z.float().view(2, 3, 32, 32), torch.tensor([5, 5]), steps=4),
+                          expected, atol=1e-5)
 
 
-def test_data_toy_pairs_are_cached_and_deterministic(cache, tmp_path):
-    a_train, a_held = data.load_toy(64, 8, per_class=4, seed=3, cache_dir=str(tmp_path))
+def test_toy_pairs_are_cached_and_deterministic(tmp_path):
+    a_train, a_held = toy.load_pairs(str(tmp_path), 64, 8, seed=3)
     assert len(os.listdir(tmp_path)) == 1
-    b_train, b_held = data.load_toy(64, 8, per_class=4, seed=3, cache_dir=str(tmp_path / "other"))
-    assert torch.equal(a_train.x, b_train.x) and torch.equal(a_held.z, b_held.z)
-    assert not torch.equal(a_train.z[:8], a_held.z)  # held-out noise is not training noise
+    b_train, b_held = toy.load_pairs(str(tmp_path / "other"), 64, 8, seed=3)
+    assert torch.equal(a_train["x"], b_train["x"]) and torch.equal(a_held["z"], b_held["z"])
+    assert not torch.equal(a_train["z"][:8], a_held["z"])  # held-out noise is not training noise
+    c_train, _ = toy.load_pairs(str(tmp_path), 64, 8, seed=4)
+    assert not torch.equal(a_train["z"], c_train["z"]) and len(glob.glob(str(tmp_path / "toy_*.pt"))) == 2
 
+
+def test_toy_metric_behaves_like_fid():
+    """On a briefly trained classifier: exact draws of the family score near 0 against other draws, class-mean
+    and blurred images far worse; the accuracy counts the labels the images were meant to have."""
+    net = toy.train_classifier(toy.Classifier(), seed=0, steps=100, batch=64)
+    g = torch.Generator().manual_seed(1)
+    ref_x, ref_y = toy.draw(1500, g)
+    reference = toy.statistics(toy.features_and_logits(net, ref_x)[0])
+    x, y = toy.draw(500, g)
+    same = toy.toy_fid(net, ref_x, ref_y, reference)
+    draws = toy.toy_fid(net, x, y, reference)
+    means = torch.stack([ref_x[ref_y == c].mean(0) for c in range(10)])
+    class_means = toy.toy_fid(net, means[y], y, reference)
+    blurred = toy.toy_fid(net, torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
+                          y, reference)
+    assert abs(same["toy_fid"]) < 1e-6  # a set against its own statistics
+    assert draws["toy_fid"] < 0.1 * min(class_means["toy_fid"], blurred["toy_fid"])
+    assert toy.toy_fid(net, x, (y + 1) % 10, reference)["toy_acc"] < 0.5 * draws["toy_acc"]
+    assert toy.toy_fid(net, x, y, reference)["toy_fid"] == draws["toy_fid"]  # deterministic
+
+
+def test_toy_networks_are_trained_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "NET_STEPS", 3)
+    first = toy.trained_net("metric", str(tmp_path))
+    assert [f for f in os.listdir(tmp_path) if f.startswith("toy_metric_")] and not first.training
+    monkeypatch.setattr(toy, "train_classifier", lambda *a, **k: pytest.fail("trained again instead of loaded"))
+    again = toy.trained_net("metric", str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not any(p.requires_grad for p in again.parameters())
+
+
+def test_toy_lpips_loss_prefers_the_image_to_its_blur_and_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "NET_STEPS", 30)
+    loss_fn = toy.perceptual_loss(str(tmp_path), "cpu")
+    x, _ = toy.draw(8, torch.Generator().manual_seed(0))
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    assert loss_fn(x, x) < 1e-8 < loss_fn(blurred, x)
+    pred = blurred.clone().requires_grad_(True)
+    loss_fn(pred, x).backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in toy.trained_net("perceptual", str(tmp_path)).parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: GET's layout
 
 def write_get_folder(root, n_files=2, per_file=5, conditional=True, image_dtype=torch.float32):
     """A tiny folder in GET's layout (data.write_synthetic_get): files 000000004.pkl, 000000009.pkl, ..."""
@@ -345,7 +426,7 @@ def test_data_get_conversion_is_reused_redone_when_the_source_changes_and_atomic
 
 def test_data_get_read_only_folder_converts_into_the_cache(tmp_path, monkeypatch):
     root = write_get_folder(tmp_path / "pairs")
-    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(os, "access", lambda path, mode: path != os.path.realpath(root))  # as if read-only
     train, _ = data.load_pairs(str(root), heldout=2)
     assert not os.path.exists(root / "dit-nano-arrays")
@@ -403,7 +484,7 @@ def train_args(cache, out, *extra):
 
 
 def test_distill_tiny_overfit_lowers_loss(cache, tmp_path):
-    _, held = data.load_toy(256, 32, per_class=8, seed=0)
+    _, held = data.load_pairs("toy", 32, n_train=256, seed=0)
     args = distill.resolve(distill.get_parser().parse_args(train_args(cache, tmp_path, "--steps", "1")))
     loss_fn = distill.build_loss(args, torch.device("cpu"))
     torch.manual_seed(0)
@@ -424,7 +505,7 @@ def test_distill_run_writes_everything(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path, "--steps", "10", "--eval-every", "5"))
     assert "FID skipped: the toy teacher's images are not CIFAR-10" in capsys.readouterr().out
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert state["step"] == 10 and state["config"]["depth"] == 2 and state["config"]["loss"] == "l2"
+    assert state["step"] == 10 and state["config"]["depth"] == 2 and state["config"]["loss"] == "toy-lpips"
     assert set(state) >= {"model", "ema", "optimizer", "step", "rng", "config"}
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"psnr"' in lines[0]
@@ -470,7 +551,7 @@ def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, 
 
     monkeypatch.setitem(distill.LOSSES, "l2", poisoned)
     with pytest.raises(SystemExit) as stop:
-        distill.main(train_args(cache, tmp_path, "--steps", "20", "--eval-every", "5"))
+        distill.main(train_args(cache, tmp_path, "--steps", "20", "--eval-every", "5", "--loss", "l2"))
     assert stop.value.code == 1
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -606,6 +687,16 @@ def test_sample_grid_and_npz(cache, tmp_path):
     assert Image.open(tmp_path / "g.png").size == (3 * 32, 10 * 32)
     pixels = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 4).expand(1, 3, 1, 4)  # [B,3,H,W]
     assert sample.to_uint8(pixels)[0, 0, :, 0].tolist() == [0, 128, 255, 255]  # EDM's x*127.5+128, clipped
+    # --compare: the toy teacher's images for the same noise above each model's, a row each
+    drawn = []
+    real_teacher = toy.teacher_sample
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(toy, "teacher_sample", lambda z, y, *a: drawn.append((z, y)) or real_teacher(z, y, *a))
+        sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--compare",
+                     str(tmp_path / "c.png"), "--per-class", "1", "--device", "cpu"])
+    assert Image.open(tmp_path / "c.png").size[0] > 10 * 32 and drawn[0][1].tolist() == list(range(10))
+    with pytest.raises(SystemExit):  # several checkpoints make a comparison, not a grid
+        sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x.png")])
 
 
 def test_sample_unconditional_pairs_use_the_null_class_in_every_tool(fid_cache, tmp_path, monkeypatch, capsys):
@@ -655,18 +746,18 @@ def test_mi1_trajectory_targets():
     z, x0 = torch.randn(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
     assert torch.equal(mi1.trajectory_point(z, x0, 0), x0)
     assert torch.allclose(mi1.trajectory_point(z, x0, 1), 80 * z / math.sqrt(1 + 80 ** 2), atol=1e-5)
-    sigmas = data.rho_schedule(torch.linspace(0, 1, 101, dtype=torch.float64))
+    sigmas = toy.rho_schedule(torch.linspace(0, 1, 101, dtype=torch.float64))
     assert (sigmas.diff() > 0).all() and math.isclose(sigmas[0], 0.002) and math.isclose(sigmas[-1], 80)
     # mid-way: sigma is the 7th power of the mean of the end points' 7th roots, and x(t) the VP mix
     s = ((0.002 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
-    assert math.isclose(data.rho_schedule(0.5), s) and 2.5 < s < 2.53
+    assert math.isclose(toy.rho_schedule(0.5), s) and 2.5 < s < 2.53
     eps = z - x0 / 80
     mix = x0 / math.sqrt(1 + s * s) + s / math.sqrt(1 + s * s) * eps
     assert torch.allclose(mi1.trajectory_point(z, x0, 0.5), mix, atol=1e-6)
     # --sigma-min moves the schedule's image end (the paper's printed 0.02), not its noise end
     s02 = ((0.02 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7
-    assert math.isclose(data.rho_schedule(0.0, 0.02), 0.02) and math.isclose(data.rho_schedule(1.0, 0.02), 80)
-    assert math.isclose(data.rho_schedule(0.5, 0.02), s02) and s02 > s
+    assert math.isclose(toy.rho_schedule(0.0, 0.02), 0.02) and math.isclose(toy.rho_schedule(1.0, 0.02), 80)
+    assert math.isclose(toy.rho_schedule(0.5, 0.02), s02) and s02 > s
     mix02 = (x0 + s02 * eps) / math.sqrt(1 + s02 * s02)
     assert torch.allclose(mi1.trajectory_point(z, x0, 0.5, sigma_min=0.02), mix02, atol=1e-6)
 
@@ -958,7 +1049,13 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
                 str(tmp_path / "other.json")])
     table = out.read_text()
     assert "FID (runs" in table and "| (5,64,8) | 0.42M proposed | 421,068 |" in table
-    assert "| 30.50 |" in table and "| 60.00 |" in table
+    assert "| 30.50 | 14.00 |" in table and "| 60.00 | 11.00 |" in table  # FID, then PSNR
+    # seed repeats of a design: the mean and their spread
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "results.json").write_text(json.dumps({"design": [5, 64, 8], "fid": 31.5, "ema": {}}))
+    study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(plot), "--results",
+                str(tmp_path / "run*" / "results.json")])
+    assert "| 31.00 +- 0.71 (2 runs) | 14.00 |" in out.read_text()
     record = json.loads((tmp_path / "records" / "run1.json").read_text())
     assert record["fid"] == 30.5 and record["latency"]["images_per_s"] == rows[3]["images_per_s"]
     (tmp_path / "untimed.json").write_text(json.dumps({"design": [3, 48, 4], "ema": {"psnr": 11.0}}))
@@ -974,22 +1071,24 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     """study.sh end to end on two tiny runs: one record per run with its latency, the L1 run kept out of
     its design's quality point, and a second call skips the finished runs."""
     env = dict(STEPS="3", BATCH="8", OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"),
-               ONLY="d5w64h8_l2 d5w64h8_l1", BENCH_N="2", PYTHON=sys.executable,
+               ONLY="d5w64h8_toy-lpips d5w64h8_l1", BENCH_N="2", PYTHON=sys.executable,
                TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache, whatever this machine has
     argv = ["bash", "study.sh", *toy_flags(cache)]
     first = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "Table 1's LPIPS row skipped" in first.stdout  # no VGG weights offline: said, not failed
     records = {name: json.loads((tmp_path / "results" / f"{name}.json").read_text())
-               for name in ("d5w64h8_l2", "d5w64h8_l1")}
+               for name in ("d5w64h8_toy-lpips", "d5w64h8_l1")}
     for name, r in records.items():
         assert r["run"] == name and r["design"] == [5, 64, 8] and r["step"] == 3 and r["batch"] == 8
         assert r["param_count"] == dit.param_count(5, 64) and r["wall_s"] > 0 and r["hardware"]
         assert r["ema"]["psnr"] > 0 and r["class_mean"]["psnr"] > 0
+        assert r["ema"]["toy_fid"] > 0 and 0 <= r["ema"]["toy_acc"] <= 1 and r["teacher"]["toy_fid"] >= 0
         assert r["latency"]["mode"] == "lut" and r["latency"]["ms_per_image"] > 0
-    assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_l2"]["loss"] == "l2"
+    assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_toy-lpips"]["loss"] == "toy-lpips"
     table = (tmp_path / "results" / "sweep.md").read_text()
-    assert table.count("| (5,64,8) |") == 1 and f"| {records['d5w64h8_l2']['ema']['psnr']:.2f} |" in table
+    main = records["d5w64h8_toy-lpips"]["ema"]
+    assert table.count("| (5,64,8) |") == 1 and "toy FID (runs" in table  # the toy FID is the quality axis
+    assert f"| {main['toy_fid']:.2f} | {main['toy_acc']:.3f} | {main['psnr']:.2f} |" in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2, second.stdout[-2000:]
@@ -1176,7 +1275,7 @@ def test_fid_missing_or_undownloadable_weights_say_where_to_get_them(tmp_path, m
     with pytest.raises(common.UsageError, match="network is unreachable") as e:
         fid.load_inception()
     assert fid.WEIGHTS_URL in str(e.value) and "--inception" in str(e.value)
-    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(common.UsageError, match="--cifar") as e:
         fid.cifar_tarball()
     assert fid.CIFAR_URL in str(e.value)
@@ -1195,7 +1294,7 @@ def train_vs_train(world):
         Image.fromarray(img).save(png_dir / f"{i:05d}.png")
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "CACHE_DIR", world["cache"])
+        mp.setattr(common, "CACHE_DIR", world["cache"])
         result = run_fid(world, "--images", str(png_dir), "--ref", "train")
     return result, out.getvalue(), err.getvalue()
 
@@ -1285,7 +1384,7 @@ def bad_inputs(d, world):
 
 
 def test_fid_bad_inputs_give_one_message_and_exit_code_2(world, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
     for argv, phrase in bad_inputs(tmp_path, world):
@@ -1359,7 +1458,6 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("distill", ["--label-dropout", "-0.5"], "--label-dropout must be"),
     ("distill", ["--epochs", "inf"], "--epochs must be"),
     ("distill", ["--seed", "-3"], "--seed must be an integer at least 0"),
-    ("distill", ["--toy-per-class", "0"], "--toy-per-class must be a positive integer"),
     ("distill", ["--lpips-size", "8"], "--lpips-size"),
     ("distill", ["--cfg-scale", "nan"], "--cfg-scale must be"),
     ("distill", ["--fid-n", "5"], "--fid-n must be an integer at least 10"),
@@ -1495,12 +1593,12 @@ def test_cli_unwritable_outputs_are_refused_before_any_work(cache, good_files, t
     blocker = tmp_path / "file.txt"
     blocker.write_text("keep me")
     under = str(blocker / "sub")
-    monkeypatch.setattr(data, "CACHE_DIR", under + "/cache")
+    monkeypatch.setattr(common, "CACHE_DIR", under + "/cache")
     toy = toy_flags(cache) + TINY
     cases = [
         ("distill", toy + ["--out", under], "--out"),
         ("distill", toy + ["--out", str(blocker)], "is a file, not a folder"),
-        ("data", ["--toy-pairs", "64", "--toy-per-class", "2", "--holdout", "8", "--toy-seed", "5"], "cache folder"),
+        ("data", ["--toy-pairs", "64", "--holdout", "8", "--toy-seed", "5"], "cache folder"),
         ("sample", ["--ckpt", good_files["ckpt"], "--out", under + "/g.png"], "--out"),
         ("sample", ["--ckpt", good_files["ckpt"], "--out", str(tmp_path / "g.xyz")], "cannot write images of type"),
         ("sample", ["--ckpt", good_files["ckpt"], "--npz", under + "/s.npz"], "--npz"),
@@ -1539,7 +1637,7 @@ def test_study_sh_refuses_bad_settings(tmp_path):
     for setting, phrase in [("STEPS=0", "STEPS=0 must be a positive integer"), ("BATCH=abc", "BATCH=abc"),
                             ("JOBS=-2", "JOBS=-2"), ("BENCH_N=1e3", "BENCH_N=1e3"), ("SEED=x", "SEED=x"),
                             ("WITH_5M=2", "WITH_5M=2 must be 0 or 1"), ("PYTHON=/no/python", "PYTHON=/no/python"),
-                            ("ONLY=d5w64h8_l3", "unknown run 'd5w64h8_l3'"),
+                            ("ONLY=d5w64h8_l3", "unknown run 'd5w64h8_l3'"), ("LOSS=mse", "LOSS=mse must be"),
                             (f"OUT={blocker}/runs", "cannot write to the folder")]:
         key, value = setting.split("=", 1)
         env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))

@@ -1,0 +1,406 @@
+"""
+The built-in toy teacher (`--data toy`, the offline default): a CIFAR-shaped family of images, an exact EDM
+teacher for it, and the toy metrics that stand in for FID where CIFAR-10 and the Inception cannot be had.
+
+    python toy.py                  # the toy metric's calibration: the teacher's own images, its noise, baselines
+    python data.py --data toy      # build (or find) the cached teacher pairs, print a summary
+
+    import toy
+    x, y = toy.draw(16, torch.Generator().manual_seed(0))   # exact samples of the family [16,3,32,32], labels
+    x = toy.teacher_sample(z, y)                            # the teacher: unit noise z [B,3,32,32] -> images
+
+The family. Ten classes of shapes (CLASSES): each image is one shape on a plain background, the shape at one
+of a few positions and sizes (its "mode": 2 sizes x 9 positions, uniform), its colours continuous:
+background ~ N(-0.4, 0.35^2) and foreground ~ N(0.5, 0.35^2), every channel independently. An image is then
+x0 = bg (1 - m) + fg m for the mode's soft mask m [32,32]: a mixture, over modes, of Gaussians in a 6-dim
+colour subspace.
+
+The teacher. The optimal denoiser of that family is known in closed form (no training): for a mode with
+mask m and per-channel basis B = [1 - m, m], x0 = B a with a ~ N(mu, tau^2 I), so p(x | mode) at noise sigma
+is N(B mu, sigma^2 I + tau^2 B B^T), whose likelihood and posterior mean E[a | x] need only the projections
+B^T x and 2x2 matrices; D(x; sigma, c) = sum_modes p(mode | x) B E[a | x, mode]. It is driven by EDM's
+deterministic sampler (Karras et al. 2022, Algorithm 1: 18 steps, rho 7, sigma 80 -> 0.002, Heun's
+correction on every step but the last) from x = 80 z, in float64. So the teacher's pairs (z, y, x) are
+exactly what EDM would produce for this data set, and a student's error on held-out pairs measures imitation.
+"""
+import argparse
+import hashlib
+import os
+import time
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import atomic_write, check_number, exit_on_usage_error, writable_dir
+from fid import frechet_distance
+
+IMG, CHANNELS, NUM_CLASSES = 32, 3, 10
+SHAPE = (CHANNELS, IMG, IMG)
+SIGMA_MIN, SIGMA_MAX, RHO, STEPS = 0.002, 80.0, 7.0, 18  # EDM's sampler for CIFAR-10
+CLASSES = ("disc", "square", "triangle", "ring", "plus", "horizontal stripes", "vertical stripes",
+           "diagonal stripes", "checkerboard", "two discs")
+COLOUR_MEAN = (-0.4, 0.5)  # (background, foreground), every channel
+COLOUR_STD = 0.35
+SIZES = (6, 8)             # shape radius in pixels
+JITTER = 1                 # positions: the centre moved by -JITTER..JITTER pixels in x and y
+
+
+# ----------------------------------------------------------------------------------------------
+# The family
+
+def shape_mask(c, r, dy=0, dx=0):
+    """Class c's shape of radius r, centred at pixel corner (16 + dy, 16 + dx) -> soft mask [32,32] in [0,1]
+    (a 1-pixel soft edge, as anti-aliased drawing gives)."""
+    yy, xx = np.mgrid[0:IMG, 0:IMG].astype(np.float64) + 0.5  # pixel centres
+    ty, tx = yy - IMG / 2 - dy, xx - IMG / 2 - dx            # relative to the shape's centre
+    ay, ax, dist = np.abs(ty), np.abs(tx), np.hypot(ty, tx)
+    box = r - np.maximum(ay, ax)
+    inside = [
+        r - dist,                                                      # disc
+        box,                                                           # square
+        np.minimum(ty + r, r - ax - 0.5 * (r - ty)),                   # triangle, apex up
+        r / 3 - np.abs(dist - 0.7 * r),                                # ring
+        np.maximum(np.minimum(r - ax, r / 3 - ay), np.minimum(r / 3 - ax, r - ay)),  # plus
+        # textures: a window (square or disc) that moves with the shape onto stripes fixed to the image grid
+        np.minimum(box, 2 * np.sin(2 * np.pi * yy / 6 + 0.5)),         # horizontal stripes (period 6) in a square
+        np.minimum(box, 2 * np.sin(2 * np.pi * xx / 6 + 0.5)),         # vertical stripes in a square
+        np.minimum(r - dist, 2 * np.sin(2 * np.pi * (xx + yy) / 8.5 + 0.5)),   # diagonal stripes in a disc
+        np.minimum(box, 2 * np.sin(np.pi * xx / 4 + 0.5) * np.sin(np.pi * yy / 4 + 0.5)),  # checkerboard square
+        np.maximum(r / 2 - np.hypot(tx + r / 1.6, ty), r / 2 - np.hypot(tx - r / 1.6, ty)),  # two discs
+    ][c]
+    return np.clip(inside + 0.5, 0, 1)
+
+
+def masks(c):
+    """Every mode of class c -> masks [J, 1024] (float64): each size at each position."""
+    return torch.from_numpy(np.stack([shape_mask(c, r, dy, dx).reshape(-1) for r in SIZES
+                                      for dy in range(-JITTER, JITTER + 1) for dx in range(-JITTER, JITTER + 1)]))
+
+
+MASKS = [masks(c) for c in range(NUM_CLASSES)]
+
+
+def draw(n, generator, labels=None):
+    """n exact samples of the family -> (images float32 [n,3,32,32], labels int64 [n]): class uniform (or
+    `labels`), mode uniform, colours Gaussian."""
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=generator) if labels is None else labels
+    x = torch.empty(n, CHANNELS, IMG * IMG)
+    for c in range(NUM_CLASSES):
+        rows = (y == c).nonzero().squeeze(1)
+        m = MASKS[c][torch.randint(0, len(MASKS[c]), (len(rows),), generator=generator)].float()[:, None]
+        bg, fg = (mean + COLOUR_STD * torch.randn(len(rows), CHANNELS, 1, generator=generator) for mean in COLOUR_MEAN)
+        x[rows] = bg * (1 - m) + fg * m
+    return x.view(n, *SHAPE), y
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact teacher
+
+def rho_schedule(t, sigma_min=SIGMA_MIN):
+    """EDM's noise levels as a function of t in [0,1]: sigma_min at t = 0, SIGMA_MAX at t = 1, evenly spaced
+    in sigma^(1/rho). The sampler walks it from t = 1 down; mi1.py reads it forwards."""
+    return (sigma_min ** (1 / RHO) + t * (SIGMA_MAX ** (1 / RHO) - sigma_min ** (1 / RHO))) ** RHO
+
+
+def edm_sigmas(steps=STEPS):
+    """EDM's time steps t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho, i < N, then 0."""
+    i = torch.arange(steps, dtype=torch.float64)
+    return torch.cat([rho_schedule(1 - i / (steps - 1)), torch.zeros(1, dtype=torch.float64)])
+
+
+def heun_solve(x, sigmas, denoise):
+    """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): integrates the probability-flow ODE
+    dx/dsigma = (x - D(x, sigma)) / sigma from sigmas[0] down to sigmas[-1], with Heun's 2nd-order correction
+    on every step except one that ends at sigma = 0 (Euler). x [b,D] at sigmas[0] -> x [b,D] at sigmas[-1]."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - denoise(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d_next = (x_next - denoise(x_next, s_next)) / s_next
+            x_next = x + (s_next - s) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+def denoiser(x, sigma, m, mean=COLOUR_MEAN, std=COLOUR_STD):
+    """The optimal denoiser E[x0 | x] of one class: x [B,3,P] (float64) at noise level sigma, the class's mode
+    masks m [J,P] -> [B,3,P]. Per channel, mode j's image is B_j a with B_j = [1 - m_j, m_j] and colours
+    a = (bg, fg) ~ N(mu, tau^2 I); with G_j = B_j^T B_j and b_j = B_j^T x (all that x enters through):
+      log p(x | j) = const - [mu'G mu - 2 mu'b - (b - G mu)' (sigma^2/tau^2 I + G)^-1 (b - G mu)] / (2 sigma^2)
+                     - (1/2) log det(I + tau^2/sigma^2 G)                      (Woodbury, determinant lemma)
+      E[a | x, j] = (I/tau^2 + G/sigma^2)^-1 (mu/tau^2 + b/sigma^2)
+    summed over the three channels for the likelihood; modes are equally likely."""
+    mu, var, eye = torch.tensor(mean, dtype=x.dtype), std ** 2, torch.eye(2, dtype=x.dtype)
+    area, area2, total = m.sum(1), (m * m).sum(1), m.shape[1]
+    G = torch.stack([torch.stack([total - 2 * area + area2, area - area2], -1),
+                     torch.stack([area - area2, area2], -1)], -2)                     # [J,2,2]
+    inside = x @ m.T                                                                 # [B,3,J]
+    b = torch.stack([x.sum(-1, keepdim=True) - inside, inside], -1)                  # [B,3,J,2]
+    G_mu = G @ mu                                                                    # [J,2]
+    r = b - G_mu
+    quad = (mu * G_mu).sum(-1) - 2 * (b * mu).sum(-1) - torch.einsum(
+        "bcji,jik,bcjk->bcj", r, torch.linalg.inv(sigma ** 2 / var * eye + G), r)    # [B,3,J]
+    log_p = -quad.sum(1) / (2 * sigma ** 2) - 1.5 * torch.logdet(eye + var / sigma ** 2 * G)  # [B,J]
+    weight = torch.softmax(log_p, 1)[:, None]                                        # p(j | x) [B,1,J]
+    a = torch.einsum("jik,bcjk->bcji", torch.linalg.inv(eye / var + G / sigma ** 2), mu / var + b / sigma ** 2)
+    bg, fg = a[..., 0], a[..., 1]                                                    # E[bg], E[fg] [B,3,J]
+    return (weight * bg).sum(-1, keepdim=True) + (weight * (fg - bg)) @ m            # [B,3,P]
+
+
+def teacher_sample(z, y, steps=STEPS):
+    """EDM's Heun sampler on the exact class-conditional denoiser: unit noise z [B,3,32,32] and labels
+    y [B] -> teacher images [B,3,32,32] (float32)."""
+    sigmas = edm_sigmas(steps)
+    out = torch.empty(z.shape, dtype=torch.float32)
+    for c in y.unique().tolist():
+        rows = (y == c).nonzero().squeeze(1)
+        x = heun_solve(z[rows].flatten(1).double() * sigmas[0], sigmas,  # from x = 80 z
+                       lambda x, sigma: denoiser(x.view(len(x), CHANNELS, -1), sigma, MASKS[c]).flatten(1))
+        out[rows] = x.float().view(-1, *SHAPE)
+    return out
+
+
+def make_pairs(n, seed, chunk=1000, desc="pairs"):
+    """n teacher pairs with uniform labels from a seeded generator -> {"z", "y", "x"}; progress and ETA printed."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *SHAPE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    x = torch.empty_like(z)
+    t0 = time.time()
+    for i in range(0, n, chunk):
+        x[i:i + chunk] = teacher_sample(z[i:i + chunk], y[i:i + chunk])
+        done = min(i + chunk, n)
+        print(f"toy teacher: {desc} {done}/{n}, {time.time() - t0:.0f}s, eta "
+              f"{(time.time() - t0) / done * (n - done):.0f}s", flush=True)
+    return {"z": z, "y": y, "x": x}
+
+
+FAMILY = f"shapes-v3 sizes {SIZES} jitter {JITTER} colours {COLOUR_MEAN} {COLOUR_STD}"  # names the cached files
+
+
+def check_sizes(n_train, n_heldout, seed):
+    """The toy teacher's sizes and seed, as the flags name them; UsageError if out of range."""
+    for value, flag in ((n_train, "--toy-pairs"), (n_heldout, "--holdout")):
+        check_number(value, flag, low=1, integer=True)
+    check_number(seed, "--toy-seed", low=0, integer=True)
+
+
+def load_pairs(cache_dir, n_train=20000, n_heldout=1000, seed=0):
+    """Toy teacher pairs, built once and cached in cache_dir; deterministic for (n_train, n_heldout, seed) ->
+    (train, held-out) dicts of z, y, x. A cache file that cannot be read (a copy cut short, say) is rebuilt."""
+    check_sizes(n_train, n_heldout, seed)
+    key = hashlib.sha1(f"{FAMILY} {n_train} {n_heldout} {seed}".encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"toy_{key}.pt")
+    if os.path.exists(path):
+        try:
+            blob = torch.load(path, weights_only=True)
+            return blob["train"], blob["heldout"]
+        except Exception as e:  # our own cache: rebuild it rather than stop
+            print(f"toy teacher: the cache {path} cannot be read ({type(e).__name__}); building it again")
+    writable_dir(cache_dir, "the toy-pair cache folder (DIT_NANO_CACHE)")  # before minutes of work, not after
+    train = make_pairs(n_train, seed * 2 + 1, desc="train pairs")
+    held = make_pairs(n_heldout, seed * 2 + 2, desc="held-out pairs")
+    blob = {"train": train, "heldout": held, "config": dict(family=FAMILY, n_train=n_train, n_heldout=n_heldout,
+                                                            seed=seed)}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))  # an interrupted build leaves no half file
+    print(f"toy teacher: cached {n_train} + {n_heldout} pairs in {path}")
+    return train, held
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy metrics: a small classifier of the family stands in for FID's Inception
+
+class Classifier(nn.Module):
+    """The toy metric's network: four 3x3 conv stages (32, 64, 128, 128 channels; average-pooled between
+    them) -> 128 features, averaged over the image -> 10 class logits. Trained only on exact draws of the
+    family, as FID's Inception saw only real images: the features of the teacher's images are its reference."""
+
+    def __init__(self):
+        super().__init__()
+        chans = (CHANNELS, 32, 64, 128, 128)
+        self.stages = nn.Sequential(*[nn.Sequential(nn.AvgPool2d(2) if i else nn.Identity(),
+                                                    nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.ReLU())
+                                      for i in range(4)])
+        self.fc = nn.Linear(chans[-1], NUM_CLASSES)
+
+    def features(self, x):
+        return self.stages(x).mean((2, 3))  # [B,128]
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class PerceptualNet(nn.Module):
+    """The toy LPIPS's network, another classifier of the family with another architecture and seed (so the
+    loss never trains on the metric's own features): VGG-like stages of two 3x3 convs (16, 32, 64, 96
+    channels) at 32, 16, 8 and 4 pixels; the distance compares every stage's output, as LPIPS compares VGG's."""
+
+    def __init__(self):
+        super().__init__()
+        chans = (CHANNELS, 16, 32, 64, 96)
+        self.stages = nn.ModuleList([nn.Sequential(nn.AvgPool2d(2) if i else nn.Identity(),
+                                                   nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.ReLU(),
+                                                   nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1), nn.ReLU())
+                                     for i in range(4)])
+        self.fc = nn.Linear(chans[-1], NUM_CLASSES)
+
+    def stage_outputs(self, x):
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+    def forward(self, x):
+        return self.fc(self.stage_outputs(x)[-1].mean((2, 3)))
+
+
+def train_classifier(net, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
+    """Cross-entropy on fresh exact draws of the family (no sample is seen twice), AdamW; seeded."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    t0 = time.time()
+    for step in range(steps):
+        x, y = draw(batch, g)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f}s", flush=True)
+    return net.eval().requires_grad_(False)
+
+
+NETS = {"metric": (Classifier, 0), "perceptual": (PerceptualNet, 1)}  # network, seed
+NET_STEPS = 600  # 76,800 fresh draws (the tests train for fewer)
+
+
+def trained_net(kind, cache_dir):
+    """The toy metric's classifier (kind "metric") or the toy LPIPS's network ("perceptual"): trained once
+    (about a minute on two CPU cores), then cached in cache_dir (by family and kind; delete the file to train
+    it again) and loaded from there."""
+    cls, seed = NETS[kind]
+    key = hashlib.sha1(f"{FAMILY} {kind} {seed}".encode()).hexdigest()[:10]
+    path = os.path.join(cache_dir, f"toy_{kind}_{key}.pt")
+    net = cls()
+    if os.path.exists(path):
+        try:
+            net.load_state_dict(torch.load(path, weights_only=True))
+            return net.eval().requires_grad_(False)
+        except Exception as e:  # our own cache: train it again rather than stop
+            print(f"toy {kind} network: the cache {path} cannot be read ({type(e).__name__}); training it again")
+    writable_dir(cache_dir, "the toy cache folder (DIT_NANO_CACHE)")
+    train_classifier(net, seed, NET_STEPS, desc=f"toy {kind} network (once, cached)")
+    atomic_write(path, lambda tmp: torch.save(net.state_dict(), tmp))
+    return net
+
+
+@torch.no_grad()
+def features_and_logits(net, images, batch=500):
+    """images [N,3,32,32] on [-1,1] -> (features float64 [N,128], logits [N,10]) on the CPU."""
+    feats, logits = [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].float().cpu()
+        f = net.features(x)
+        feats.append(f.double())
+        logits.append(net.fc(f))
+    return torch.cat(feats).numpy(), torch.cat(logits)
+
+
+def statistics(features):
+    """Mean and covariance (ddof 1) of features [N,D] in float64, as FID's."""
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def toy_fid(net, images, labels, reference):
+    """The toy metrics of images [N,3,32,32] meant to be of classes labels [N]: {"toy_fid": Frechet distance of
+    the classifier's features to reference (mu, sigma) (fid.py's formula), "toy_acc": the fraction the
+    classifier assigns to their class}."""
+    feats, logits = features_and_logits(net, images)
+    with warnings.catch_warnings():  # channels a ReLU never opens have zero variance: sqrtm warns, and copes
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        distance = frechet_distance(*statistics(feats), *reference)
+    return {"toy_fid": float(distance), "toy_acc": float((logits.argmax(1) == labels.cpu()).float().mean())}
+
+
+class Scorer:
+    """The toy metrics as FID's protocol has them: the classifier (trained_net "metric") and the reference
+    statistics of the teacher's training images (the toy's "CIFAR-10 train"). scorer(images, labels) ->
+    {"toy_fid", "toy_acc"}."""
+
+    def __init__(self, train_images, cache_dir):
+        self.net = trained_net("metric", cache_dir)
+        self.reference = statistics(features_and_logits(self.net, train_images)[0])
+
+    def __call__(self, images, labels):
+        return toy_fid(self.net, images, labels, self.reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy LPIPS: the paper's perceptual loss, offline
+
+PIXEL_WEIGHT = 10.0  # the pixel term beside the perceptual one (see perceptual_loss)
+
+
+def unit_channels(f, eps=1e-10):
+    """Each pixel's feature vector scaled to unit length, as LPIPS normalises VGG's features [B,C,H,W]."""
+    return f / (f.pow(2).sum(1, keepdim=True).sqrt() + eps)
+
+
+def perceptual_loss(cache_dir, device):
+    """The toy LPIPS as a loss(pred, target) -> scalar: LPIPS's form (Zhang et al. 2018, without its learned
+    channel weights) on the toy perceptual network: per stage, the squared difference of the unit-normalised
+    features summed over channels and averaged over pixels, summed over the four stages; plus PIXEL_WEIGHT x
+    the mean squared pixel error. The pixel term is this repo's addition: normalised features carry shape and
+    contrast but not the colours themselves (a student trained on the perceptual term alone drew the right
+    shapes in grey), where VGG's first layers keep them for the real LPIPS."""
+    net = trained_net("perceptual", cache_dir).to(device)
+
+    def loss(pred, target):
+        distance = sum(((unit_channels(a) - unit_channels(b)) ** 2).sum(1).mean()
+                       for a, b in zip(net.stage_outputs(pred), net.stage_outputs(target)))
+        return distance + PIXEL_WEIGHT * ((pred - target) ** 2).mean()
+
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """The toy metric's calibration: what the teacher's own images, fresh teacher images (the metric's noise),
+    class means and blurred images score against the teacher's training images."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--toy-pairs", type=int, default=20000, help="the training pairs that make the reference")
+    p.add_argument("--holdout", type=int, default=1000, help="held-out pairs (the images a run's samples match)")
+    p.add_argument("--toy-seed", type=int, default=0, help="seed of the teacher's pairs")
+    p.add_argument("--repeats", type=int, default=5, help="fresh sets of --holdout teacher images: the metric's noise")
+    args = p.parse_args(argv)
+    with exit_on_usage_error():
+        check_number(args.repeats, "--repeats", low=2, integer=True)
+        train, held = load_pairs(common.CACHE_DIR, args.toy_pairs, args.holdout, args.toy_seed)
+    scorer = Scorer(train["x"], common.CACHE_DIR)
+    n, rows = args.holdout, []
+    rows.append(("the teacher's held-out images", scorer(held["x"], held["y"])))
+    fresh = [scorer(make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")["x"], held["y"]) for k in range(args.repeats)]
+    fids = np.array([r["toy_fid"] for r in fresh])
+    rows.append((f"fresh teacher images, {args.repeats} sets: mean (std {fids.std(ddof=1):.2f})",
+                 {"toy_fid": fids.mean(), "toy_acc": np.mean([r["toy_acc"] for r in fresh])}))
+    means = torch.stack([train["x"][train["y"] == c].mean(0) for c in range(NUM_CLASSES)])
+    rows.append(("the class-mean image of each label", scorer(means[held["y"]], held["y"])))
+    blurred = F.avg_pool2d(F.pad(held["x"], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    rows.append(("the teacher's held-out images, 3x3 box blur", scorer(blurred, held["y"])))
+    print(f"toy metric ({n:,} images each, labels of the held-out pairs) against {len(train['x']):,} teacher "
+          f"training images:")
+    for name, r in rows:
+        print(f"  {name:58s} toy FID {r['toy_fid']:9.2f}  class accuracy {r['toy_acc']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
