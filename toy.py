@@ -261,19 +261,26 @@ class PerceptualNet(nn.Module):
 
 
 def train_classifier(net, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
-    """Cross-entropy on fresh exact draws of the family (no sample is seen twice), AdamW; seeded."""
+    """Cross-entropy on fresh exact draws of the family (no sample is seen twice), AdamW; seeded, and on one
+    CPU thread, so that the weights do not depend on how many threads the caller runs (a sum split over more
+    threads rounds differently, and training amplifies it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     t0 = time.time()
-    for step in range(steps):
-        x, y = draw(batch, g)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 200 == 0 or step + 1 == steps:
-            print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f}s", flush=True)
+    try:
+        for step in range(steps):
+            x, y = draw(batch, g)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % 200 == 0 or step + 1 == steps:
+                print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f}s", flush=True)
+    finally:
+        torch.set_num_threads(threads)
     return net.eval().requires_grad_(False)
 
 
