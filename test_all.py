@@ -323,7 +323,7 @@ def test_toy_pairs_are_cached_and_deterministic(tmp_path):
 def test_toy_metric_behaves_like_fid():
     """On a briefly trained classifier: exact draws of the family score near 0 against other draws, class-mean
     and blurred images far worse; the accuracy counts the labels the images were meant to have."""
-    net = toy.train_classifier(toy.Classifier(), seed=0, steps=100, batch=64)
+    net = toy.train_classifier(toy.Classifier, seed=0, steps=100, batch=64)
     g = torch.Generator().manual_seed(1)
     ref_x, ref_y = toy.draw(1500, g)
     reference = toy.statistics(toy.features_and_logits(net, ref_x)[0])
@@ -340,9 +340,16 @@ def test_toy_metric_behaves_like_fid():
     assert toy.toy_fid(net, x, y, reference)["toy_fid"] == draws["toy_fid"]  # deterministic
 
 
-def test_toy_networks_are_trained_once_and_cached(tmp_path, monkeypatch):
+def test_toy_networks_are_trained_once_deterministically_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "NET_STEPS", 3)
+    threads = torch.get_num_threads()
+    torch.manual_seed(123)  # the global state must not matter, nor the caller's thread count
+    torch.set_num_threads(2)
     first = toy.trained_net("metric", str(tmp_path))
+    torch.set_num_threads(1)
+    other = toy.train_classifier(toy.Classifier, toy.NETS["metric"][1], 3)
+    torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
     assert [f for f in os.listdir(tmp_path) if f.startswith("toy_metric_")] and not first.training
     monkeypatch.setattr(toy, "train_classifier", lambda *a, **k: pytest.fail("trained again instead of loaded"))
     again = toy.trained_net("metric", str(tmp_path))

@@ -260,13 +260,14 @@ class PerceptualNet(nn.Module):
         return self.fc(self.stage_outputs(x)[-1].mean((2, 3)))
 
 
-def train_classifier(net, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
-    """Cross-entropy on fresh exact draws of the family (no sample is seen twice), AdamW; seeded, and on one
-    CPU thread, so that the weights do not depend on how many threads the caller runs (a sum split over more
-    threads rounds differently, and training amplifies it)."""
+def train_classifier(cls, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
+    """A new cls() trained with cross-entropy on fresh exact draws of the family (no sample is seen twice),
+    AdamW. Seeded (the initial weights too), and on one CPU thread, so that the weights do not depend on how
+    many threads the caller runs (a sum split over more threads rounds differently, and training amplifies it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    net = cls()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     t0 = time.time()
@@ -295,15 +296,15 @@ def trained_net(kind, cache_dir):
     cls, seed = NETS[kind]
     key = hashlib.sha1(f"{FAMILY} {kind} {seed}".encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"toy_{kind}_{key}.pt")
-    net = cls()
     if os.path.exists(path):
         try:
+            net = cls()
             net.load_state_dict(torch.load(path, weights_only=True))
             return net.eval().requires_grad_(False)
         except Exception as e:  # our own cache: train it again rather than stop
             print(f"toy {kind} network: the cache {path} cannot be read ({type(e).__name__}); training it again")
     writable_dir(cache_dir, "the toy cache folder (DIT_NANO_CACHE)")
-    train_classifier(net, seed, NET_STEPS, desc=f"toy {kind} network (once, cached)")
+    net = train_classifier(cls, seed, NET_STEPS, desc=f"toy {kind} network (once, cached)")
     atomic_write(path, lambda tmp: torch.save(net.state_dict(), tmp))
     return net
 
