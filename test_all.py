@@ -743,6 +743,7 @@ def test_sample_unconditional_pairs_use_the_null_class_in_every_tool(fid_cache, 
                          ("distill", ["--data", str(root), "--holdout", "4", *TINY, "--loss", "l2", "--cfg-scale",
                                       "1.5", "--out", str(tmp_path / "guided")])]:
         assert_refused(script, argv, "trained on unconditional pairs", capsys)
+    assert_refused("sample", ["--ckpt", ckpt, "--compare", str(tmp_path / "c.png")], "learned from other pairs", capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1414,7 +1415,7 @@ def test_fid_cli_error_has_no_traceback(tmp_path):
 # Bad input, by class of error, for every script: one paragraph, exit code 2, no traceback, no file damaged
 
 SCRIPTS = {"dit": dit.main, "data": data.main, "distill": distill.main, "ta": ta.main, "mi1": mi1.main,
-           "sample": sample.main, "fid": fid.main, "bench": bench.main, "study": study.main}
+           "sample": sample.main, "fid": fid.main, "bench": bench.main, "study": study.main, "toy": toy.main}
 
 
 def test_cli_errors_of_every_script(cache, tmp_path):
@@ -1456,6 +1457,10 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("dit", ["--d", "5", "--w", "64", "--h", "0"], "not divisible by heads 0"),
     ("dit", ["--params", "5M", "--h", "8"], "not both"),
     ("data", ["--toy-pairs", "0"], "--toy-pairs must be a positive integer"),
+    ("toy", ["--toy-pairs", "0"], "--toy-pairs must be a positive integer"),
+    ("toy", ["--repeats", "1"], "--repeats must be an integer at least 2"),
+    ("distill", ["--data", "PATH", "--loss", "toy-lpips"], "--loss toy-lpips compares images"),
+    ("sample", ["--ckpt", "a.pt", "--npz", "s.npz", "--compare", "c.png"], "not both"),
     ("data", ["--toy-seed", "-1"], "--toy-seed must be an integer at least 0"),
     ("data", ["--holdout", "0"], "--holdout must be a positive integer"),
     ("distill", ["--lr", "-1"], "--lr must be a number greater than 0"),
