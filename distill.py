@@ -43,7 +43,7 @@ from common import (UsageError, atomic_write, check_number, compile_problem, dow
 # Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
 
 PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, log_every=100)
-TOY = dict(loss="toy-lpips", batch=32, steps=1200, lr=2e-3, log_every=50, eval_every=400)
+TOY = dict(loss="toy-lpips", batch=32, steps=1000, lr=2e-3, log_every=50, eval_every=500)
 
 
 def get_parser(method=None):
@@ -63,7 +63,7 @@ def get_parser(method=None):
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
-    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1200)")
+    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1000)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(ema, (1+n)/(10+n))")
     g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
     g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of init, data order, label dropout")
@@ -521,8 +521,10 @@ def train(args, method=None):
     toy_kwargs = data.toy_options(args)
     if master:
         train_set, held = data.load_pairs(args.data, args.holdout, **toy_kwargs)
+        if args.data == "toy":  # the toy metric's network and the toy LPIPS's: on first use, trained side by side
+            toy.trained_nets(["metric"] + ["perceptual"] * (args.loss == "toy-lpips"), common.CACHE_DIR)
     if world > 1:
-        dist.barrier()  # rank 0 builds the toy cache or converts GET's pairs; the others then read them
+        dist.barrier()  # rank 0 builds the toy caches or converts GET's pairs; the others then read them
         if not master:
             train_set, held = data.load_pairs(args.data, args.holdout, **toy_kwargs)
     # unconditional pairs train the null class only: such a model is sampled with it, without guidance

@@ -345,11 +345,15 @@ def test_toy_networks_are_trained_once_deterministically_and_cached(tmp_path, mo
     threads = torch.get_num_threads()
     torch.manual_seed(123)  # the global state must not matter, nor the caller's thread count
     torch.set_num_threads(2)
-    first = toy.trained_net("metric", str(tmp_path))
+    state = torch.get_rng_state()
+    both = toy.trained_nets(["metric", "perceptual"], str(tmp_path))  # trained side by side, in two threads
+    assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == 2  # the caller's, untouched
+    first = both["metric"]
     torch.set_num_threads(1)
-    other = toy.train_classifier(toy.Classifier, toy.NETS["metric"][1], 3)
+    for kind, (cls, seed) in toy.NETS.items():  # the same weights as one network trained alone
+        other = toy.train_classifier(cls, seed, 3)
+        assert all(torch.equal(a, b) for a, b in zip(both[kind].state_dict().values(), other.state_dict().values()))
     torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))
     assert [f for f in os.listdir(tmp_path) if f.startswith("toy_metric_")] and not first.training
     monkeypatch.setattr(toy, "train_classifier", lambda *a, **k: pytest.fail("trained again instead of loaded"))
     again = toy.trained_net("metric", str(tmp_path))

@@ -24,8 +24,10 @@ correction on every step but the last) from x = 80 z, in float64. So the teacher
 exactly what EDM would produce for this data set, and a student's error on held-out pairs measures imitation.
 """
 import argparse
+import concurrent.futures
 import hashlib
 import os
+import threading
 import time
 import warnings
 
@@ -262,12 +264,14 @@ class PerceptualNet(nn.Module):
 
 def train_classifier(cls, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
     """A new cls() trained with cross-entropy on fresh exact draws of the family (no sample is seen twice),
-    AdamW. Seeded (the initial weights too), and on one CPU thread, so that the weights do not depend on how
-    many threads the caller runs (a sum split over more threads rounds differently, and training amplifies it)."""
+    AdamW. Seeded (the initial weights too, without touching the caller's random state), and on one CPU
+    thread, so that the weights do not depend on how many threads the caller runs (a sum split over more
+    threads rounds differently, and training amplifies it). Safe to run in several threads at once."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    net = cls()
+    torch.set_num_threads(1)  # this thread's (OpenMP's thread count is per calling thread)
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the global generator, only for the initial weights
+        torch.manual_seed(seed)
+        net = cls()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     t0 = time.time()
@@ -285,28 +289,44 @@ def train_classifier(cls, seed, steps, batch=128, lr=2e-3, desc="toy classifier"
     return net.eval().requires_grad_(False)
 
 
+_INIT_LOCK = threading.Lock()
 NETS = {"metric": (Classifier, 0), "perceptual": (PerceptualNet, 1)}  # network, seed
 NET_STEPS = 600  # 76,800 fresh draws (the tests train for fewer)
 
 
+def trained_nets(kinds, cache_dir):
+    """{kind: network} for kinds among NETS: the toy metric's classifier ("metric") and the toy LPIPS's network
+    ("perceptual"), each trained once (about 90 s on one CPU thread; the missing ones train side by side, one
+    thread each, so both take no longer than one), then cached in cache_dir (by family and kind; delete the
+    file to train it again) and loaded from there."""
+    nets, missing = {}, {}
+    for kind in kinds:
+        cls, seed = NETS[kind]
+        key = hashlib.sha1(f"{FAMILY} {kind} {seed}".encode()).hexdigest()[:10]
+        path = os.path.join(cache_dir, f"toy_{kind}_{key}.pt")
+        if os.path.exists(path):
+            try:
+                net = cls()
+                net.load_state_dict(torch.load(path, weights_only=True))
+                nets[kind] = net.eval().requires_grad_(False)
+                continue
+            except Exception as e:  # our own cache: train it again rather than stop
+                print(f"toy {kind} network: the cache {path} cannot be read ({type(e).__name__}); training it again")
+        missing[kind] = path
+    if missing:
+        writable_dir(cache_dir, "the toy cache folder (DIT_NANO_CACHE)")
+        with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:  # the convolutions release the GIL
+            jobs = {kind: pool.submit(train_classifier, *NETS[kind], NET_STEPS, desc=f"toy {kind} network (once, "
+                                      "cached)") for kind in missing}
+            for kind, path in missing.items():
+                nets[kind] = jobs[kind].result()
+                atomic_write(path, lambda tmp: torch.save(nets[kind].state_dict(), tmp))
+    return nets
+
+
 def trained_net(kind, cache_dir):
-    """The toy metric's classifier (kind "metric") or the toy LPIPS's network ("perceptual"): trained once
-    (about a minute on two CPU cores), then cached in cache_dir (by family and kind; delete the file to train
-    it again) and loaded from there."""
-    cls, seed = NETS[kind]
-    key = hashlib.sha1(f"{FAMILY} {kind} {seed}".encode()).hexdigest()[:10]
-    path = os.path.join(cache_dir, f"toy_{kind}_{key}.pt")
-    if os.path.exists(path):
-        try:
-            net = cls()
-            net.load_state_dict(torch.load(path, weights_only=True))
-            return net.eval().requires_grad_(False)
-        except Exception as e:  # our own cache: train it again rather than stop
-            print(f"toy {kind} network: the cache {path} cannot be read ({type(e).__name__}); training it again")
-    writable_dir(cache_dir, "the toy cache folder (DIT_NANO_CACHE)")
-    net = train_classifier(cls, seed, NET_STEPS, desc=f"toy {kind} network (once, cached)")
-    atomic_write(path, lambda tmp: torch.save(net.state_dict(), tmp))
-    return net
+    """One network of trained_nets."""
+    return trained_nets([kind], cache_dir)[kind]
 
 
 @torch.no_grad()
