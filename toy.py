@@ -416,7 +416,8 @@ def main(argv=None):
     scorer = Scorer(train["x"], common.CACHE_DIR)
     n, rows = args.holdout, []
     rows.append(("the teacher's held-out images", scorer(held["x"], held["y"])))
-    fresh = [scorer(make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")["x"], held["y"]) for k in range(args.repeats)]
+    fresh = [scorer(s["x"], s["y"]) for s in (make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")
+                                              for k in range(args.repeats))]
     fids = np.array([r["toy_fid"] for r in fresh])
     rows.append((f"fresh teacher images, {args.repeats} sets: mean (std {fids.std(ddof=1):.2f})",
                  {"toy_fid": fids.mean(), "toy_acc": np.mean([r["toy_acc"] for r in fresh])}))
