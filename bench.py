@@ -4,7 +4,7 @@ design-space sweep (Tables 2, 5, 6): every design timed (study.py joins quality 
 
     python bench.py --d 7 --w 192 --h 12                # 50k images at batch 128, CFG 1.5 and 1, default modes
     python bench.py --params 5M --modes bf16-weights+lut+compile+graph   # the fastest CUDA mode alone
-    python bench.py --ckpt runs/d5w64h8_l2/ckpt.pt --device cpu --threads 2 --n 1024
+    python bench.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt --device cpu --threads 2 --n 1024
     python bench.py --sweep --json sweep.json           # Table 6's designs; then python study.py --timings sweep.json
     python bench.py --params 5M --onnx dit5m.onnx       # Jetson: export, then time it with the printed trtexec
     python bench.py --params 5M --train                 # distill.py's training step (LPIPS-VGG at 224): img/s

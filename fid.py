@@ -1,7 +1,7 @@
 """
 FID and Inception Score of DiT-Nano samples, comparable with published CIFAR-10 numbers (DESIGN.md section 7).
 
-    python fid.py --ckpt runs/d5w64h8_l2/ckpt.pt       # 50k EMA samples, CFG 1.5, vs CIFAR-10 train (EDM's ref)
+    python fid.py --ckpt runs/d5w64h8_lpips/ckpt.pt    # 50k EMA samples, CFG 1.5, vs CIFAR-10 train (EDM's ref)
     python fid.py --ckpt CKPT --ref test               # vs CIFAR-10 test (GET's reference)
     python fid.py --npz samples.npz                    # images from `python sample.py --ckpt CKPT --npz samples.npz`
     python fid.py --images DIR --ref cifar10-32x32.npz # a folder of PNGs vs a statistics file (EDM's, or mu/sigma)

@@ -1,7 +1,7 @@
 """
 Samples from a DiT-Nano checkpoint (EMA weights): a class-by-sample PNG grid, or an .npz for evaluation.
 
-    python sample.py --ckpt runs/d5w64h8_l2/ckpt.pt                      # grid.png: 10 classes x 10 samples, CFG 1.5
+    python sample.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt                # grid.png: 10 classes x 10 samples, CFG 1.5
     python sample.py --ckpt CKPT --npz samples.npz --n 50000             # uint8 images [N,32,32,3] + labels, for fid.py
     python sample.py --ckpt CKPT --cfg-scale 1 --per-class 16 --out g.png
     python sample.py --ckpt A/ckpt.pt B/ckpt.pt --compare c.png      # the toy teacher above each model, same noise
