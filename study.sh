@@ -3,7 +3,8 @@
 # every design distilled at one budget (same steps, batch, lr, loss and seed), then bench.py times each design
 # and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
-#   bash study.sh             # 36 runs of 600 steps x batch 32, two at a time, then the timing: ~3.5 h on 2 CPU cores
+#   bash study.sh             # 33 runs of 600 steps x batch 32, two at a time, then the timing: ~4 h on 2 CPU cores
+#                             # (one run: ~6 min at 0.42M, ~15 min at 2.2M, ~25 min at 5M, on one core each)
 #   WITH_5M=0 bash study.sh   # without Table 6's three 5M designs and their seed repeats
 #   STEPS=4000 BATCH=128 JOBS=8 OUT=runs/study_gpu RESULTS=results/toy_gpu bash study.sh --toy-pairs 100000
 #
