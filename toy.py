@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import common
 from common import atomic_write, check_number, exit_on_usage_error, writable_dir
-from fid import frechet_distance
+from fid import frechet_distance, statistics  # FID's own: mean and covariance (ddof 1), float64
 
 IMG, CHANNELS, NUM_CLASSES = 32, 3, 10
 SHAPE = (CHANNELS, IMG, IMG)
@@ -339,11 +339,6 @@ def features_and_logits(net, images, batch=500):
         feats.append(f.double())
         logits.append(net.fc(f))
     return torch.cat(feats).numpy(), torch.cat(logits)
-
-
-def statistics(features):
-    """Mean and covariance (ddof 1) of features [N,D] in float64, as FID's."""
-    return features.mean(0), np.cov(features, rowvar=False)
 
 
 def toy_fid(net, images, labels, reference):
