@@ -61,6 +61,9 @@ def get_parser(method=None):
                    "7be5be79.pth); 'random' for random weights (tests only)")
     g.add_argument("--lr", type=float, help="AdamW learning rate, constant (real: 1e-4; toy: 2e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
+    g.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up from 0 (paper: 0)")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient's global norm to this (0: off, "
+                   "the paper)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
     g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1000)")
@@ -188,6 +191,8 @@ def resolve(args):
     check_number(args.seed, "--seed", low=0, integer=True)
     check_number(args.epochs, "--epochs", low=0, low_open=True)
     check_number(args.lr, "--lr", low=0, low_open=True)
+    check_number(args.warmup, "--warmup", low=0, integer=True)
+    check_number(args.grad_clip, "--grad-clip", low=0)
     check_number(args.weight_decay, "--weight-decay", low=0)
     check_number(args.ema, "--ema", low=0, high=1)
     check_number(args.label_dropout, "--label-dropout", low=0, high=1)
@@ -442,6 +447,7 @@ def build_student(args, device, loss_fn, method=None, world=1):
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(model=model, ema=ema, extra=extra, extra_params=extra_params, opt=opt, fwd=fwd,
                            loss_fn=loss_fn, world=world, autocast=autocast(args, device), ema_max=args.ema,
+                           lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                            needs_hidden=bool(extra is not None and extra.needs_hidden),
                            base_weight=extra.base_weight if extra is not None else 1.0)
 
@@ -463,6 +469,10 @@ def train_step(run, z, y, x, step):
         for p in run.extra_params:
             dist.all_reduce(p.grad)
             p.grad /= run.world
+    if run.grad_clip:  # one global norm over the student's and the method's weights
+        torch.nn.utils.clip_grad_norm_([p for group in run.opt.param_groups for p in group["params"]], run.grad_clip)
+    for group in run.opt.param_groups:  # linear warm-up, then the constant rate
+        group["lr"] = run.lr * min(1.0, (step + 1) / run.warmup) if run.warmup else run.lr
     run.opt.step()
     ema_update(run.ema, run.model, ema_decay(step, run.ema_max))
     return loss.detach(), terms
@@ -482,7 +492,7 @@ def measure(run, held, baselines, lpips_eval, scorer, fid_setup, step, config, d
               "data": args.data, "conditional": args.conditional,
               **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
                   "fid_cfg_scale": args.cfg_scale} if fid_setup is not None else {}),
-              "batch": args.batch, "lr": args.lr, "seed": args.seed,
+              "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "grad_clip": args.grad_clip, "seed": args.seed,
               **({"toy_seed": args.toy_seed} if args.data == "toy" else {}),
               "wall_s": args.wall_s, "hardware": f"{hardware(device)}, {args.world} process(es)"}
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
