@@ -104,6 +104,21 @@ def quality_of(records, rows):
     return METRICS[name][0], {d: statistics.mean(v) for d, v in values[name].items()}
 
 
+def training_setup(records):
+    """One line saying how the runs were trained (steps, batch, learning rate, warm-up, gradient clip, loss),
+    each setting's distinct values joined by ' / ', so a table never hides that its runs differ; '' without
+    runs. A setting a run's results.json does not record shows as '-'."""
+    if not records:
+        return ""
+
+    def show(v):
+        return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+    settings = [("steps", "step"), ("batch", "batch"), ("lr", "lr"), ("warm-up", "warmup"),
+                ("gradient clip", "grad_clip"), ("loss", "loss")]
+    parts = [f"{label} {' / '.join(dict.fromkeys(show(r.get(key)) for _, r in records))}" for label, key in settings]
+    return f"Runs ({len(records)}): {', '.join(parts)}.\n"
+
+
 def write_run_records(records, rows, folder):
     """The study's record of each run: its results.json plus the latency this sweep measured for its design
     (the first mode), as FOLDER/<run folder name>.json."""
@@ -216,7 +231,7 @@ def main(argv=None):
 
     def write_table(tmp):
         with open(tmp, "w") as f:
-            f.write(f"{header}\n\n{table}\n")
+            f.write(f"{header}\n{training_setup(records)}\n{table}\n")
     atomic_write(args.sweep_out, write_table)
     plot_tradeoff([r for r in rows if r["mode"] == first["mode"]], quality_label, quality, args.plot)  # one mode
     print(f"{table}\n\nwrote {args.sweep_out} and {args.plot}")

@@ -16,13 +16,18 @@
 # arguments go to every distill.py run.
 set -euo pipefail
 cd "$(dirname "$0")"
-STEPS=${STEPS:-600} BATCH=${BATCH:-32} SEED=${SEED:-0} JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} LOSS=${LOSS:-toy-lpips}
+STEPS=${STEPS:-1200} BATCH=${BATCH:-32} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
+JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} LOSS=${LOSS:-toy-lpips}
 OUT=${OUT:-runs/study} RESULTS=${RESULTS:-results/toy} ONLY=${ONLY:-}
 BENCH_DEVICE=${BENCH_DEVICE:-cpu} BENCH_MODES=${BENCH_MODES:-lut} BENCH_N=${BENCH_N:-256} PYTHON=${PYTHON:-python}
 
 die() { echo "error: $*" >&2; exit 2; }  # bad settings: one message, exit code 2, before any work
 for var in STEPS BATCH JOBS BENCH_N; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer (e.g. $var=300)."
+done
+[[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP=$WARMUP must be an integer >= 0 (steps of learning-rate warm-up; 0: none)."
+for var in LR CLIP; do  # plain decimal or e-notation numbers; distill.py checks the range
+  [[ ${!var} =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "$var=${!var} must be a number (e.g. LR=2e-3, CLIP=1)."
 done
 [[ $SEED =~ ^[0-9]+$ ]] || die "SEED=$SEED must be an integer >= 0."
 [[ $WITH_5M == 0 || $WITH_5M == 1 ]] || die "WITH_5M=$WITH_5M must be 0 or 1 (0 drops Table 6's 5M designs)."
@@ -67,7 +72,8 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
   echo "$tag: ${resume[*]:-new run}"
   mkdir -p "$out"
   local cmd=(env OMP_NUM_THREADS="${RUN_THREADS:-$THREADS}" "$PYTHON" distill.py --d "$d" --w "$w" --h "$h"
-             --loss "$loss" --steps "$STEPS" --batch "$BATCH" --seed "${seed:-$SEED}"
+             --loss "$loss" --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --grad-clip "$CLIP"
+             --seed "${seed:-$SEED}"
              --eval-every $(( STEPS / 2 > 0 ? STEPS / 2 : 1 )) --out "$out" "${resume[@]}" "$@")
   if [ "$JOBS" = 1 ]; then
     "${cmd[@]}" 2>&1 | tee -a "$out/log.txt"
@@ -78,7 +84,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
 }
 export -f run_name wanted run_one
 TOTAL=${#RUNS[@]}
-export STEPS BATCH SEED JOBS OUT ONLY TOTAL PYTHON THREADS
+export STEPS BATCH LR WARMUP CLIP SEED JOBS OUT ONLY TOTAL PYTHON THREADS
 
 start=$(date +%s)
 specs=(); for i in "${!RUNS[@]}"; do specs+=("$((i + 1)) ${RUNS[i]}"); done

@@ -512,6 +512,28 @@ def test_distill_tiny_overfit_lowers_loss(cache, tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_distill_warmup_ramps_the_rate_and_grad_clip_bounds_the_norm(cache, tmp_path):
+    args = distill.resolve(distill.get_parser().parse_args(train_args(
+        cache, tmp_path, "--steps", "1", "--loss", "l2", "--lr", "1e-3", "--warmup", "4", "--grad-clip", "0.01")))
+    run = distill.build_student(args, torch.device("cpu"), distill.build_loss(args, torch.device("cpu")))
+    _, held = data.load_pairs("toy", 32, n_train=256, seed=0)
+    z, y, x = held.batch(torch.arange(8))
+
+    def grad_norm():
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in run.model.parameters()
+                                                     if p.grad is not None])).item()
+    rates, norms = [], []
+    for step in range(6):
+        distill.train_step(run, z, y, x, step)
+        rates.append(run.opt.param_groups[0]["lr"])
+        norms.append(grad_norm())
+    assert rates == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3])  # linear to --lr, then constant
+    assert max(norms) <= 0.01 * (1 + 1e-4)
+    run.grad_clip = 0  # the same step unclipped: the norm was above the bound, so the clip did something
+    distill.train_step(run, z, y, x, 6)
+    assert grad_norm() > 0.02
+
+
 def test_distill_run_writes_everything(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path, "--steps", "10", "--eval-every", "5"))
     assert "FID skipped: the toy teacher's images are not CIFAR-10" in capsys.readouterr().out
@@ -1100,6 +1122,7 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     table = (tmp_path / "results" / "sweep.md").read_text()
     main = records["d5w64h8_toy-lpips"]["ema"]
     assert table.count("| (5,64,8) |") == 1 and "toy FID (runs" in table  # the toy FID is the quality axis
+    assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, gradient clip 1, loss " in table  # study.sh's recipe
     assert f"| {main['toy_fid']:.2f} | {main['toy_acc']:.3f} | {main['psnr']:.2f} |" in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
@@ -1470,6 +1493,8 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("distill", ["--lr", "-1"], "--lr must be a number greater than 0"),
     ("distill", ["--lr", "nan"], "--lr must be a number greater than 0, got nan"),
     ("distill", ["--weight-decay", "-0.1"], "--weight-decay must be a number at least 0"),
+    ("distill", ["--warmup", "-5"], "--warmup must be an integer at least 0"),
+    ("distill", ["--grad-clip", "nan"], "--grad-clip must be a number at least 0"),
     ("distill", ["--ema", "1.5"], "--ema must be a number at least 0 and at most 1"),
     ("distill", ["--label-dropout", "-0.5"], "--label-dropout must be"),
     ("distill", ["--epochs", "inf"], "--epochs must be"),
@@ -1654,6 +1679,8 @@ def test_study_sh_refuses_bad_settings(tmp_path):
                             ("JOBS=-2", "JOBS=-2"), ("BENCH_N=1e3", "BENCH_N=1e3"), ("SEED=x", "SEED=x"),
                             ("WITH_5M=2", "WITH_5M=2 must be 0 or 1"), ("PYTHON=/no/python", "PYTHON=/no/python"),
                             ("ONLY=d5w64h8_l3", "unknown run 'd5w64h8_l3'"), ("LOSS=mse", "LOSS=mse must be"),
+                            ("LR=fast", "LR=fast must be a number"), ("WARMUP=-1", "WARMUP=-1 must be"),
+                            ("CLIP=x", "CLIP=x must be a number"),
                             (f"OUT={blocker}/runs", "cannot write to the folder")]:
         key, value = setting.split("=", 1)
         env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))
