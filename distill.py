@@ -42,8 +42,8 @@ from common import (UsageError, atomic_write, check_number, compile_problem, dow
 # ----------------------------------------------------------------------------------------------
 # Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
 
-PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, log_every=100)
-TOY = dict(loss="toy-lpips", batch=32, steps=1000, lr=2e-3, log_every=50, eval_every=500)
+PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, warmup=0, grad_clip=0.0, log_every=100)
+TOY = dict(loss="toy-lpips", batch=32, steps=1000, lr=2e-3, warmup=100, grad_clip=1.0, log_every=50, eval_every=500)
 
 
 def get_parser(method=None):
@@ -61,9 +61,10 @@ def get_parser(method=None):
                    "7be5be79.pth); 'random' for random weights (tests only)")
     g.add_argument("--lr", type=float, help="AdamW learning rate, constant (real: 1e-4; toy: 2e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
-    g.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up from 0 (paper: 0)")
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient's global norm to this (0: off, "
-                   "the paper)")
+    g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up from 0 (real: 0, the paper's "
+                   "constant rate; toy: 100)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient's global norm to this, 0: off (real: 0 as in "
+                   "the paper; toy: 1)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
     g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1000)")
