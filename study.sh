@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # The paper's design-space study (section 3.2: Tables 1, 2, 6, Figures 3 and 4) rerun on the toy teacher:
-# every design distilled at one budget (same steps, batch, lr, loss and seed), then bench.py times each design
-# and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
+# every design distilled with one recipe (same steps, batch, lr schedule, loss and seed), then bench.py times
+# each design and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
-#   bash study.sh             # 33 runs of 600 steps x batch 32, two at a time, then the timing: ~4 h on 2 CPU cores
-#                             # (one run: ~6 min at 0.42M, ~15 min at 2.2M, ~25 min at 5M, on one core each)
-#   WITH_5M=0 bash study.sh   # without Table 6's three 5M designs and their seed repeats
+#   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 32, two at a time, then the
+#                             # timing: ~2.5 h on 2 CPU cores (one run on one core: ~12 min at 0.42M, ~28 min
+#                             # at 2.2M, ~47 min at 5M)
+#   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs, ~6.5 h more
+#   WITH_5M=0 bash study.sh   # without the 5M designs
 #   STEPS=4000 BATCH=128 JOBS=8 OUT=runs/study_gpu RESULTS=results/toy_gpu bash study.sh --toy-pairs 100000
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
-# from its checkpoint. Settings (environment): STEPS, BATCH, SEED, LOSS (every design's loss; Table 1 adds
-# l1 and l2 beside it); OUT (run folders), RESULTS (JSONs, table, plot); JOBS (runs at once; each gets
-# cores/JOBS torch threads unless OMP_NUM_THREADS is set); WITH_5M=0 drops the 5M rows; ONLY="name ..." runs
-# a subset; BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default python). Extra
-# arguments go to every distill.py run.
+# from its checkpoint. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP
+# (gradient-norm clip, 0: off), SEED, LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run
+# folders), RESULTS (JSONs, table, plot); JOBS (runs at once; each gets cores/JOBS torch threads unless
+# OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs
+# a subset (any of the runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default
+# python). Extra arguments go to every distill.py run.
 set -euo pipefail
 cd "$(dirname "$0")"
 STEPS=${STEPS:-1200} BATCH=${BATCH:-32} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
-JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} LOSS=${LOSS:-toy-lpips}
+JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} ALL=${ALL:-0} LOSS=${LOSS:-toy-lpips}
 OUT=${OUT:-runs/study} RESULTS=${RESULTS:-results/toy} ONLY=${ONLY:-}
 BENCH_DEVICE=${BENCH_DEVICE:-cpu} BENCH_MODES=${BENCH_MODES:-lut} BENCH_N=${BENCH_N:-256} PYTHON=${PYTHON:-python}
 
@@ -31,23 +34,34 @@ for var in LR CLIP; do  # plain decimal or e-notation numbers; distill.py checks
 done
 [[ $SEED =~ ^[0-9]+$ ]] || die "SEED=$SEED must be an integer >= 0."
 [[ $WITH_5M == 0 || $WITH_5M == 1 ]] || die "WITH_5M=$WITH_5M must be 0 or 1 (0 drops Table 6's 5M designs)."
+[[ $ALL == 0 || $ALL == 1 ]] || die "ALL=$ALL must be 0 or 1 (1 adds Tables 2 and 6's other designs and Figure 3)."
 [[ $LOSS =~ ^(l1|l2|lpips|toy-lpips)$ ]] || die "LOSS=$LOSS must be one of l1, l2, lpips, toy-lpips (distill.py --loss)."
 command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON is not a program here; point it at the Python of the" \
   "environment that has requirements.txt installed."
 
-# d w h loss [seed]. A design shared by several tables runs once ((6,128,4) is the centre of all of Fig. 3);
-# a seed other than SEED marks a repeat that measures the run-to-run spread.
+# d w h loss [seed]; a seed other than SEED marks a repeat that measures the run-to-run spread. CORE: the
+# paper's headline comparisons, Table 1's three losses and Table 6's proposed design of each size (0.42M,
+# 2.2M, 5M), each design three seeds, longest first after the one that builds the caches. REST (ALL=1): the
+# other designs of Tables 2 and 6 and Figure 3's sweeps; a design shared by several runs once ((6,128,4) is
+# the centre of all of Fig. 3).
 L=$LOSS
-RUNS=(
-  "1 128 8 $L"  "2 96 8 $L"  "5 64 4 $L"  "5 64 8 $L"  "9 48 6 $L"  "21 32 4 $L"   # Table 2, 0.42M
-  "3 192 12 $L"  "7 128 8 $L"  "13 96 8 $L"                                         # Table 6, 2.2M
+CORE=("5 64 8 $L")
+[ "$WITH_5M" = 1 ] && CORE+=("7 192 12 $L" "7 192 12 $L 1" "7 192 12 $L 2")                # Table 6, 5M
+CORE+=(
+  "7 128 8 $L"  "7 128 8 $L 1"  "7 128 8 $L 2"                                      # Table 6, 2.2M
+  "5 64 8 $L 1"  "5 64 8 $L 2"                                                      # Table 6, 0.42M: seeds
+  "5 64 8 l1"  "5 64 8 l2"                                                          # Table 1: L1, L2 beside LOSS
+)
+REST=(
+  "1 128 8 $L"  "2 96 8 $L"  "5 64 4 $L"  "9 48 6 $L"  "21 32 4 $L"                 # Table 2, 0.42M
+  "3 192 12 $L"  "13 96 8 $L"                                                       # Table 6, 2.2M
   "2 128 4 $L"  "4 128 4 $L"  "6 128 4 $L"  "8 128 4 $L"  "12 128 4 $L"             # Fig. 3a: depth, w=128 h=4
   "6 32 4 $L"  "6 64 4 $L"  "6 96 4 $L"  "6 192 4 $L"                               # Fig. 3b: width, d=6 h=4
   "6 128 1 $L"  "6 128 2 $L"  "6 128 8 $L"  "6 128 16 $L"                          # Fig. 3c: heads, d=6 w=128
-  "5 64 8 l1"  "5 64 8 l2"                                                          # Table 1: L1, L2 beside LOSS
-  "5 64 8 $L 1"  "5 64 8 $L 2"  "7 128 8 $L 1"  "7 128 8 $L 2"                      # spread: seeds 1, 2
 )
-[ "$WITH_5M" = 1 ] && RUNS+=("4 256 16 $L" "16 128 8 $L" "7 192 12 $L" "7 192 12 $L 1" "7 192 12 $L 2")  # Table 6, 5M
+[ "$WITH_5M" = 1 ] && REST+=("4 256 16 $L" "16 128 8 $L")                           # Table 6, 5M
+RUNS=("${CORE[@]}")
+if [ "$ALL" = 1 ] || [ -n "$ONLY" ]; then RUNS+=("${REST[@]}"); fi  # ONLY may name any run
 run_name() { echo "d$1w$2h$3_$4${5:+_s$5}"; }                # d w h loss [seed] -> the run's folder name
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }  # NAME: is it in ONLY (or ONLY unset)?
 names=" "; for r in "${RUNS[@]}"; do names+="$(run_name $r) "; done
