@@ -63,6 +63,8 @@ def get_parser(method=None):
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
     g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up from 0 (real: 0, the paper's "
                    "constant rate; toy: 100)")
+    g.add_argument("--decay", type=int, default=0, help="steps at the end over which the rate falls linearly "
+                   "to 0 (0: none, the paper); resume a finished run with more --steps and --decay N to add one")
     g.add_argument("--grad-clip", type=float, help="clip the gradient's global norm to this, 0: off (real: 0 as in "
                    "the paper; toy: 1)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
@@ -194,6 +196,7 @@ def resolve(args):
     check_number(args.lr, "--lr", low=0, low_open=True)
     check_number(args.warmup, "--warmup", low=0, integer=True)
     check_number(args.grad_clip, "--grad-clip", low=0)
+    check_number(args.decay, "--decay", low=0, integer=True)
     check_number(args.weight_decay, "--weight-decay", low=0)
     check_number(args.ema, "--ema", low=0, high=1)
     check_number(args.label_dropout, "--label-dropout", low=0, high=1)
@@ -448,9 +451,17 @@ def build_student(args, device, loss_fn, method=None, world=1):
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(model=model, ema=ema, extra=extra, extra_params=extra_params, opt=opt, fwd=fwd,
                            loss_fn=loss_fn, world=world, autocast=autocast(args, device), ema_max=args.ema,
-                           lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+                           lr=args.lr, warmup=args.warmup, decay=args.decay, total=None, grad_clip=args.grad_clip,
                            needs_hidden=bool(extra is not None and extra.needs_hidden),
                            base_weight=extra.base_weight if extra is not None else 1.0)
+
+
+def learning_rate(step, lr, warmup, decay, total):
+    """The rate at 0-based `step` of `total`: linear warm-up from 0 over the first `warmup` steps, constant `lr`,
+    then a linear fall to 0 over the last `decay` steps (warm-up, stable, decay: a run finished at the constant
+    rate can be resumed with more steps and a decay, and matches a run trained that way from the start)."""
+    scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return lr * (min(scale, (total - step) / decay) if decay else scale)
 
 
 def train_step(run, z, y, x, step):
@@ -472,8 +483,8 @@ def train_step(run, z, y, x, step):
             p.grad /= run.world
     if run.grad_clip:  # one global norm over the student's and the method's weights
         torch.nn.utils.clip_grad_norm_([p for group in run.opt.param_groups for p in group["params"]], run.grad_clip)
-    for group in run.opt.param_groups:  # linear warm-up, then the constant rate
-        group["lr"] = run.lr * min(1.0, (step + 1) / run.warmup) if run.warmup else run.lr
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(step, run.lr, run.warmup, run.decay, run.total)
     run.opt.step()
     ema_update(run.ema, run.model, ema_decay(step, run.ema_max))
     return loss.detach(), terms
@@ -493,7 +504,8 @@ def measure(run, held, baselines, lpips_eval, scorer, fid_setup, step, config, d
               "data": args.data, "conditional": args.conditional,
               **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
                   "fid_cfg_scale": args.cfg_scale} if fid_setup is not None else {}),
-              "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "grad_clip": args.grad_clip, "seed": args.seed,
+              "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "decay": args.decay,
+              "grad_clip": args.grad_clip, "seed": args.seed,
               **({"toy_seed": args.toy_seed} if args.data == "toy" else {}),
               "wall_s": args.wall_s, "hardware": f"{hardware(device)}, {args.world} process(es)"}
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
@@ -554,6 +566,7 @@ def train(args, method=None):
                                                               if args.lpips_backbone != "random" else None,
                                                               download=False)
     run = build_student(args, device, loss_fn, method, world)
+    run.total = total
     step = 0
     if state is not None:  # a resume must not change the run's settings
         old = state["config"]

@@ -528,6 +528,9 @@ def test_distill_warmup_ramps_the_rate_and_grad_clip_bounds_the_norm(cache, tmp_
         rates.append(run.opt.param_groups[0]["lr"])
         norms.append(grad_norm())
     assert rates == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3, 1e-3])  # linear to --lr, then constant
+    # with a decay over the last 3 of 6 steps: warm-up, constant, then linearly down to lr / decay at the last step
+    assert [distill.learning_rate(s, 1.0, 2, 3, 6) for s in range(6)] == pytest.approx([0.5, 1, 1, 1, 2 / 3, 1 / 3])
+    assert [distill.learning_rate(s, 1.0, 0, 0, 6) for s in range(6)] == [1.0] * 6
     assert max(norms) <= 0.01 * (1 + 1e-4)
     run.grad_clip = 0  # the same step unclipped: the norm was above the bound, so the clip did something
     distill.train_step(run, z, y, x, 6)
@@ -1494,6 +1497,7 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("distill", ["--lr", "nan"], "--lr must be a number greater than 0, got nan"),
     ("distill", ["--weight-decay", "-0.1"], "--weight-decay must be a number at least 0"),
     ("distill", ["--warmup", "-5"], "--warmup must be an integer at least 0"),
+    ("distill", ["--decay", "-1"], "--decay must be an integer at least 0"),
     ("distill", ["--grad-clip", "nan"], "--grad-clip must be a number at least 0"),
     ("distill", ["--ema", "1.5"], "--ema must be a number at least 0 and at most 1"),
     ("distill", ["--label-dropout", "-0.5"], "--label-dropout must be"),
