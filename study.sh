@@ -4,8 +4,8 @@
 # each design and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
 #   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 32, two at a time, then the
-#                             # timing: ~2.5 h on 2 CPU cores (one run on one core: ~12 min at 0.42M, ~28 min
-#                             # at 2.2M, ~47 min at 5M)
+#                             # timing: ~2.5-3 h on 2 CPU cores (one run on one core: ~15 min at 0.42M, ~30 min
+#                             # at 2.2M, ~50 min at 5M)
 #   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs, ~6.5 h more
 #   WITH_5M=0 bash study.sh   # without the 5M designs
 #   STEPS=4000 BATCH=128 JOBS=8 OUT=runs/study_gpu RESULTS=results/toy_gpu bash study.sh --toy-pairs 100000
