@@ -59,7 +59,8 @@ def get_parser(method=None):
     g.add_argument("--lpips-size", type=int, default=224, help="upsample to this size before LPIPS (0: 32x32)")
     g.add_argument("--lpips-backbone", help="local trunk weights file (vgg16-397923af.pth / alexnet-owt-"
                    "7be5be79.pth); 'random' for random weights (tests only)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate, constant (real: 1e-4; toy: 2e-3)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate, constant between --warmup and --decay (real: 1e-4; "
+                   "toy: 2e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01; GET 0)")
     g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up from 0 (real: 0, the paper's "
                    "constant rate; toy: 100)")
@@ -433,9 +434,10 @@ def ema_update(ema, model, decay):
         e.lerp_(p.detach(), 1 - decay)
 
 
-def build_student(args, device, loss_fn, method=None, world=1):
+def build_student(args, device, loss_fn, method=None, world=1, total_steps=None):
     """The student (seeded by --seed), its EMA copy, the method's module, AdamW over both, and the
-    forward to call (compiled and/or DDP-wrapped) -> a namespace train_step runs on."""
+    forward to call (compiled and/or DDP-wrapped) -> a namespace train_step runs on. total_steps (the run's
+    length) is needed only for a --decay."""
     torch.manual_seed(args.seed)
     model = dit.DiT(args.depth, args.width, args.heads).to(device)
     ema = dit.DiT(args.depth, args.width, args.heads).to(device)
@@ -451,7 +453,7 @@ def build_student(args, device, loss_fn, method=None, world=1):
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(model=model, ema=ema, extra=extra, extra_params=extra_params, opt=opt, fwd=fwd,
                            loss_fn=loss_fn, world=world, autocast=autocast(args, device), ema_max=args.ema,
-                           lr=args.lr, warmup=args.warmup, decay=args.decay, total=None, grad_clip=args.grad_clip,
+                           lr=args.lr, warmup=args.warmup, decay=args.decay, total=total_steps, grad_clip=args.grad_clip,
                            needs_hidden=bool(extra is not None and extra.needs_hidden),
                            base_weight=extra.base_weight if extra is not None else 1.0)
 
@@ -565,8 +567,7 @@ def train(args, method=None):
     lpips_eval = getattr(loss_fn, "net", None) or build_lpips(args.lpips_net, device, args.lpips_backbone
                                                               if args.lpips_backbone != "random" else None,
                                                               download=False)
-    run = build_student(args, device, loss_fn, method, world)
-    run.total = total
+    run = build_student(args, device, loss_fn, method, world, total_steps=total)
     step = 0
     if state is not None:  # a resume must not change the run's settings
         old = state["config"]

@@ -1681,7 +1681,8 @@ def test_study_sh_refuses_bad_settings(tmp_path):
     blocker.write_text("")
     for setting, phrase in [("STEPS=0", "STEPS=0 must be a positive integer"), ("BATCH=abc", "BATCH=abc"),
                             ("JOBS=-2", "JOBS=-2"), ("BENCH_N=1e3", "BENCH_N=1e3"), ("SEED=x", "SEED=x"),
-                            ("WITH_5M=2", "WITH_5M=2 must be 0 or 1"), ("ALL=yes", "ALL=yes must be 0 or 1"), ("PYTHON=/no/python", "PYTHON=/no/python"),
+                            ("WITH_5M=2", "WITH_5M=2 must be 0 or 1"), ("ALL=yes", "ALL=yes must be 0 or 1"),
+                            ("PYTHON=/no/python", "PYTHON=/no/python"),
                             ("ONLY=d5w64h8_l3", "unknown run 'd5w64h8_l3'"), ("LOSS=mse", "LOSS=mse must be"),
                             ("LR=fast", "LR=fast must be a number"), ("WARMUP=-1", "WARMUP=-1 must be"),
                             ("CLIP=x", "CLIP=x must be a number"),
