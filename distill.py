@@ -396,30 +396,34 @@ def prefetched(make, steps, depth=4, pin=False):
     ready = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(entry):  # put, unless the consumer has gone: True when it was put
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def work():
         try:
             for step in steps:
-                item = tuple(t.pin_memory() for t in make(step)) if pin else make(step)
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not offer((tuple(t.pin_memory() for t in make(step)) if pin else make(step), None)):
                     return
         except Exception as e:  # raised in the training thread, where it belongs
-            ready.put((None, e))
+            offer((None, e))
 
-    threading.Thread(target=work, daemon=True, name="prefetch").start()
+    worker = threading.Thread(target=work, daemon=True, name="prefetch")
+    worker.start()
     try:
         for _ in steps:
             item, error = ready.get()
             if error is not None:
                 raise error
             yield item
-    finally:  # the loop ended, broke off or was interrupted: the thread stops at its next batch
-        stop.set()
+    finally:  # the loop ended, broke off or was interrupted: the thread stops after its current batch, and is
+        stop.set()  # waited for, as a thread still inside torch when the interpreter exits aborts the process
+        worker.join()
 
 
 def ema_decay(step, ema):

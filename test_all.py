@@ -643,11 +643,12 @@ def test_distill_prefetched_batches_come_in_order_errors_surface_and_the_thread_
         next(batches)
     batches = distill.prefetched(lambda step: (torch.zeros(1),), range(10 ** 6), depth=2)
     next(batches)
-    batches.close()  # the loop ended early (Ctrl-C, an error): the thread stops instead of running on
-    for _ in range(50):
-        if not any(t.name == "prefetch" for t in threading.enumerate()):
-            break
-        time.sleep(0.05)
+    batches.close()  # the loop ended early (Ctrl-C, an error): the thread has stopped when close returns (a
+    assert not any(t.name == "prefetch" for t in threading.enumerate())  # thread left in torch aborts the exit)
+    batches = distill.prefetched(make, range(3, 8), depth=1)
+    next(batches)
+    time.sleep(0.3)  # batch 4 fills the queue, then batch 5 fails with nowhere to go: close must still return
+    batches.close()
     assert not any(t.name == "prefetch" for t in threading.enumerate())
 
 
