@@ -23,14 +23,14 @@ from common import (UsageError, atomic_write, check_number, exit_on_usage_error,
 
 
 def load_model(path, device="cpu", weights="ema", flag="--ckpt"):
-    """A checkpoint's student -> (DiT in eval mode on device, config dict). Loads with weights_only=True; a file
-    that is not a DiT-Nano checkpoint is a UsageError that names `flag`."""
+    """A checkpoint's student -> (DiT in eval mode on device, its run's config dict plus the checkpoint's "step").
+    Loads with weights_only=True; a file that is not a DiT-Nano checkpoint is a UsageError that names `flag`."""
     what = "a DiT-Nano checkpoint (the ckpt.pt that distill.py, ta.py or mi1.py write)"
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: no checkpoint at {path}; train one with distill.py (it writes OUT/ckpt.pt).")
     state = load_torch_file(path, what, flag)
     try:
-        cfg = state["config"]
+        cfg = dict(state["config"], step=state.get("step"))
         model = dit.DiT(cfg["depth"], cfg["width"], cfg["heads"])
         model.load_state_dict(state[weights])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -167,7 +167,8 @@ def main(argv=None):
         model, cfg = loaded[0]
         conditional, cfg_scale = guidance(cfg, args.cfg_scale)
     if args.compare:
-        names = ["%s (%d,%d,%d)" % (cfg.get("loss", ""), cfg["depth"], cfg["width"], cfg["heads"]) for _, cfg in loaded]
+        names = ["%s (%d,%d,%d) seed %s, step %s" % (cfg.get("loss", ""), cfg["depth"], cfg["width"], cfg["heads"],
+                                                     cfg.get("seed", "?"), cfg["step"] or "?") for _, cfg in loaded]
         save_comparison([(n, m) for n, (m, _) in zip(names, loaded)], args.compare, cfg_scale, args.per_class,
                         args.seed, args.device)
         print(f"wrote {args.compare}: the toy teacher, then {', '.join(names)}, {args.per_class} per class, CFG "

@@ -712,7 +712,7 @@ def test_distill_fid_every_records_fid_in_results(cache, fid_cache, tmp_path, ca
 # ----------------------------------------------------------------------------------------------
 # sample.py
 
-def test_sample_grid_and_npz(cache, tmp_path):
+def test_sample_grid_and_npz(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path, "--steps", "2"))
     model, cfg = sample.load_model(str(tmp_path / "ckpt.pt"))
     assert cfg["width"] == 32 and not model.training
@@ -732,6 +732,7 @@ def test_sample_grid_and_npz(cache, tmp_path):
         sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--compare",
                      str(tmp_path / "c.png"), "--per-class", "1", "--device", "cpu"])
     assert Image.open(tmp_path / "c.png").size[0] > 10 * 32 and drawn[0][1].tolist() == list(range(10))
+    assert "toy-lpips (2,32,4) seed 0, step 2" in capsys.readouterr().out  # a row says which run and how far it trained
     with pytest.raises(SystemExit):  # several checkpoints make a comparison, not a grid
         sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x.png")])
 
