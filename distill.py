@@ -269,7 +269,8 @@ def load_checkpoint(path):
 @torch.no_grad()
 def evaluate(predict, held, device, lpips_net=None, scorer=None, generate=None, batch=500):
     """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given;
-    with a toy Scorer, also the toy FID and class accuracy of generate(z, y) (default: predict's images)."""
+    with a toy Scorer, also the toy FID, class accuracy and teacher's-mode rate of generate(z, y) (default:
+    predict's images)."""
     sq, lp, n, made = 0.0, 0.0, len(held), []
     for i in range(0, n, batch):
         z, y, x = (t.to(device) for t in held.batch(torch.arange(i, min(i + batch, n))))
@@ -283,7 +284,8 @@ def evaluate(predict, held, device, lpips_net=None, scorer=None, generate=None, 
     if lpips_net is not None:
         out["lpips"] = lp / n
     if scorer is not None:
-        out.update(scorer(torch.cat(made), held.batch(torch.arange(n))[1]))
+        _, labels, teacher = held.batch(torch.arange(n))
+        out.update(scorer(torch.cat(made), labels, teacher))
     return out
 
 
@@ -308,7 +310,8 @@ def setup_fid(args, device, log):
 
 
 def fmt_metrics(m):
-    formats = {"psnr": "psnr {:.2f} dB", "toy_fid": "toy_fid {:.2f}", "toy_acc": "toy_acc {:.1%}"}
+    formats = {"psnr": "psnr {:.2f} dB", "toy_fid": "toy_fid {:.2f}", "toy_acc": "toy_acc {:.1%}",
+               "toy_mode": "toy_mode {:.1%}"}
     return " ".join(formats.get(k, k + " {:.4f}").format(v) for k, v in m.items())
 
 

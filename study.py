@@ -76,6 +76,7 @@ METRICS = {  # what a run's results.json may hold -> (column label, where it is)
     "fid": ("FID (runs; lower is better)", lambda r: r.get("fid")),
     "toy_fid": ("toy FID (runs; lower is better)", lambda r: r.get("ema", {}).get("toy_fid")),
     "toy_acc": ("toy class accuracy (runs)", lambda r: r.get("ema", {}).get("toy_acc")),
+    "toy_mode": ("teacher's mode (runs)", lambda r: r.get("ema", {}).get("toy_mode")),
     "psnr": ("held-out PSNR dB (runs)", lambda r: r.get("ema", {}).get("psnr")),
 }
 

@@ -340,6 +340,38 @@ def test_toy_metric_behaves_like_fid():
     assert toy.toy_fid(net, x, y, reference)["toy_fid"] == draws["toy_fid"]  # deterministic
 
 
+def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers():
+    g = torch.Generator().manual_seed(2)
+    J = len(toy.MASKS[0])
+    labels, modes = torch.arange(10).repeat_interleave(J), torch.arange(J).repeat(10)  # every mode of every class
+    bg, fg = (mean + toy.COLOUR_STD * torch.randn(len(labels), 3, 1, generator=g) for mean in toy.COLOUR_MEAN)
+    m = torch.stack([toy.MASKS[c][j] for c, j in zip(labels.tolist(), modes.tolist())]).float()[:, None]
+    x = (bg * (1 - m) + fg * m).view(-1, 3, 32, 32)
+    names = torch.stack([toy.MODE_NAMES[c][j] for c, j in zip(labels.tolist(), modes.tolist())])
+    assert torch.equal(toy.modes_of(x, labels), names)  # whatever the colours; modes that draw one image are one
+    assert (names != modes).any() and 1 / J < toy.mode_chance() < 2 / J
+    moved = toy.modes_of(torch.roll(x, 1, dims=3), labels)  # a pixel to the right: another mode, mostly
+    assert 0.5 < (moved != names).float().mean() < 1
+    # the teacher's choice of mode is a simple function of its noise: a rule on the noise alone names it far
+    # more often than chance (56% at 1,000 pairs of the default family), so a student can learn it
+    z, y = torch.randn(100, 3, 32, 32, generator=g), torch.arange(100) % 10
+    rule = (toy.noise_rule_modes(z, y) == toy.modes_of(toy.teacher_sample(z, y), y)).float().mean()
+    assert rule > 4 * toy.mode_chance()
+
+
+def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsys):
+    distill.main(train_args(cache, tmp_path / "run", "--steps", "2"))
+    capsys.readouterr()
+    toy.main(["--toy-pairs", "256", "--holdout", "32", "--repeats", "2", "--ckpt", str(tmp_path / "run" / "ckpt.pt")])
+    out = capsys.readouterr().out
+    teacher = next(line for line in out.splitlines() if "the teacher's held-out images " in line)
+    assert "teacher's mode 100.0%" in teacher  # the teacher's own images are drawn in its modes
+    run = next(line for line in out.splitlines() if "run (step 2, CFG 1.5)" in line)
+    assert "toy FID" in run and "teacher's mode" in run
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 <= results["ema"]["toy_mode"] <= 1 and "toy_mode" in results["class_mean"]  # and every toy eval
+
+
 def test_toy_networks_are_trained_once_deterministically_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "NET_STEPS", 3)
     threads = torch.get_num_threads()
@@ -1122,13 +1154,15 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
         assert r["param_count"] == dit.param_count(5, 64) and r["wall_s"] > 0 and r["hardware"]
         assert r["ema"]["psnr"] > 0 and r["class_mean"]["psnr"] > 0
         assert r["ema"]["toy_fid"] > 0 and 0 <= r["ema"]["toy_acc"] <= 1 and r["teacher"]["toy_fid"] >= 0
+        assert 0 <= r["ema"]["toy_mode"] <= 1
         assert r["latency"]["mode"] == "lut" and r["latency"]["ms_per_image"] > 0
     assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_toy-lpips"]["loss"] == "toy-lpips"
     table = (tmp_path / "results" / "sweep.md").read_text()
     main = records["d5w64h8_toy-lpips"]["ema"]
     assert table.count("| (5,64,8) |") == 1 and "toy FID (runs" in table  # the toy FID is the quality axis
     assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, gradient clip 1, loss " in table  # study.sh's recipe
-    assert f"| {main['toy_fid']:.2f} | {main['toy_acc']:.3f} | {main['psnr']:.2f} |" in table  # not the L1 run's
+    assert f"| {main['toy_fid']:.2f} | {main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |" \
+        in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2, second.stdout[-2000:]
@@ -1491,6 +1525,7 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("data", ["--toy-pairs", "0"], "--toy-pairs must be a positive integer"),
     ("toy", ["--toy-pairs", "0"], "--toy-pairs must be a positive integer"),
     ("toy", ["--repeats", "1"], "--repeats must be an integer at least 2"),
+    ("toy", ["--ckpt", "no_such_ckpt.pt"], "no checkpoint at no_such_ckpt.pt"),
     ("distill", ["--data", "PATH", "--loss", "toy-lpips"], "--loss toy-lpips compares images"),
     ("sample", ["--ckpt", "a.pt", "--npz", "s.npz", "--compare", "c.png"], "not both"),
     ("data", ["--toy-seed", "-1"], "--toy-seed must be an integer at least 0"),

@@ -3,6 +3,7 @@ The built-in toy teacher (`--data toy`, the offline default): a CIFAR-shaped fam
 teacher for it, and the toy metrics that stand in for FID where CIFAR-10 and the Inception cannot be had.
 
     python toy.py                  # the toy metric's calibration: the teacher's own images, its noise, baselines
+    python toy.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt   # ... and those checkpoints' samples beside them
     python data.py --data toy      # build (or find) the cached teacher pairs, print a summary
 
     import toy
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 import common
 from common import atomic_write, check_number, exit_on_usage_error, writable_dir
+import sample
 from fid import frechet_distance, statistics  # FID's own: mean and covariance (ddof 1), float64
 
 IMG, CHANNELS, NUM_CLASSES = 32, 3, 10
@@ -85,6 +87,10 @@ def masks(c):
 
 
 MASKS = [masks(c) for c in range(NUM_CLASSES)]
+# Some modes draw the same image (stripes fixed to the grid under a window moved along them, a triangle of
+# either size at some positions): each mode's name is the first mode with its mask, so those count as one.
+MODE_NAMES = [torch.tensor([next(i for i in range(j + 1) if torch.equal(m[i], m[j])) for j in range(len(m))])
+              for m in MASKS]
 
 
 def draw(n, generator, labels=None):
@@ -129,6 +135,17 @@ def heun_solve(x, sigmas, denoise):
     return x
 
 
+def mode_projections(x, m):
+    """What an image enters the family's likelihoods through: per channel and mode, with B_j = [1 - m_j, m_j],
+    G_j = B_j^T B_j [J,2,2] and b_j = B_j^T x (the image's sums outside and inside mask j) [B,3,J,2], for
+    images x [B,3,P] and a class's mode masks m [J,P]."""
+    area, area2, total = m.sum(1), (m * m).sum(1), m.shape[1]
+    G = torch.stack([torch.stack([total - 2 * area + area2, area - area2], -1),
+                     torch.stack([area - area2, area2], -1)], -2)                     # [J,2,2]
+    inside = x @ m.T                                                                 # [B,3,J]
+    return G, torch.stack([x.sum(-1, keepdim=True) - inside, inside], -1)            # [B,3,J,2]
+
+
 def denoiser(x, sigma, m, mean=COLOUR_MEAN, std=COLOUR_STD):
     """The optimal denoiser E[x0 | x] of one class: x [B,3,P] (float64) at noise level sigma, the class's mode
     masks m [J,P] -> [B,3,P]. Per channel, mode j's image is B_j a with B_j = [1 - m_j, m_j] and colours
@@ -138,11 +155,7 @@ def denoiser(x, sigma, m, mean=COLOUR_MEAN, std=COLOUR_STD):
       E[a | x, j] = (I/tau^2 + G/sigma^2)^-1 (mu/tau^2 + b/sigma^2)
     summed over the three channels for the likelihood; modes are equally likely."""
     mu, var, eye = torch.tensor(mean, dtype=x.dtype), std ** 2, torch.eye(2, dtype=x.dtype)
-    area, area2, total = m.sum(1), (m * m).sum(1), m.shape[1]
-    G = torch.stack([torch.stack([total - 2 * area + area2, area - area2], -1),
-                     torch.stack([area - area2, area2], -1)], -2)                     # [J,2,2]
-    inside = x @ m.T                                                                 # [B,3,J]
-    b = torch.stack([x.sum(-1, keepdim=True) - inside, inside], -1)                  # [B,3,J,2]
+    G, b = mode_projections(x, m)                                                    # [J,2,2], [B,3,J,2]
     G_mu = G @ mu                                                                    # [J,2]
     r = b - G_mu
     quad = (mu * G_mu).sum(-1) - 2 * (b * mu).sum(-1) - torch.einsum(
@@ -352,17 +365,54 @@ def toy_fid(net, images, labels, reference):
     return {"toy_fid": float(distance), "toy_acc": float((logits.argmax(1) == labels.cpu()).float().mean())}
 
 
+def modes_of(images, labels):
+    """Each image's mode: the mode of its class whose best two-colour fit (a background and a foreground colour
+    per channel, least squares) leaves the least error -> its name in MODE_NAMES[label] [N]. The fit's residual
+    is |x|^2 - b' G^-1 b per channel (mode_projections' G and b), so the best mode maximises the sum of b' G^-1 b."""
+    x = images.detach().cpu().double().flatten(2)  # [N,3,P]
+    labels = labels.cpu()
+    out = torch.empty(len(x), dtype=torch.long)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        G, b = mode_projections(x[rows], MASKS[c])
+        out[rows] = MODE_NAMES[c][torch.einsum("ncji,jik,ncjk->nj", b, torch.linalg.inv(G), b).argmax(1)]
+    return out
+
+
+def noise_rule_modes(z, labels):
+    """A rule on the noise alone: the mode whose mask holds the largest sum of the noise z [N,3,32,32] (over
+    its pixels and channels, per square root of its area) -> [N]. How often it names the teacher's mode says
+    how simple a function of the noise the teacher's choice of shape position and size is."""
+    x, labels = z.cpu().double().flatten(2), labels.cpu()
+    out = torch.empty(len(x), dtype=torch.long)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        out[rows] = MODE_NAMES[c][((x[rows] @ MASKS[c].T).sum(1) / MASKS[c].sum(1).sqrt()).argmax(1)]
+    return out
+
+
+def mode_chance():
+    """The teacher's-mode rate of images whose modes are drawn independently of the teacher's, as draw() draws
+    them: the mean over classes of sum over distinct images of p(mode)^2."""
+    return float(np.mean([(torch.bincount(names) / len(names)).pow(2).sum() for names in MODE_NAMES]))
+
+
 class Scorer:
     """The toy metrics as FID's protocol has them: the classifier (trained_net "metric") and the reference
     statistics of the teacher's training images (the toy's "CIFAR-10 train"). scorer(images, labels) ->
-    {"toy_fid", "toy_acc"}."""
+    {"toy_fid", "toy_acc"}; given the teacher's images for the same noise, also "toy_mode": the fraction of
+    images drawn in the teacher's mode (shape position and size; chance is mode_chance()). The toy FID,
+    like FID, pools its features over the image and barely sees where a shape is: toy_mode does."""
 
     def __init__(self, train_images, cache_dir):
         self.net = trained_net("metric", cache_dir)
         self.reference = statistics(features_and_logits(self.net, train_images)[0])
 
-    def __call__(self, images, labels):
-        return toy_fid(self.net, images, labels, self.reference)
+    def __call__(self, images, labels, teacher=None):
+        out = toy_fid(self.net, images, labels, self.reference)
+        if teacher is not None:
+            out["toy_mode"] = float((modes_of(images, labels) == modes_of(teacher, labels)).float().mean())
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,33 +447,53 @@ def perceptual_loss(cache_dir, device):
 
 def main(argv=None):
     """The toy metric's calibration: what the teacher's own images, fresh teacher images (the metric's noise),
-    class means and blurred images score against the teacher's training images."""
+    class means and blurred images score against the teacher's training images; then any --ckpt's samples."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--toy-pairs", type=int, default=20000, help="the training pairs that make the reference")
     p.add_argument("--holdout", type=int, default=1000, help="held-out pairs (the images a run's samples match)")
     p.add_argument("--toy-seed", type=int, default=0, help="seed of the teacher's pairs")
     p.add_argument("--repeats", type=int, default=5, help="fresh sets of --holdout teacher images: the metric's noise")
+    p.add_argument("--ckpt", nargs="+", default=[], help="toy checkpoints (distill.py, ta.py, mi1.py) whose EMA "
+                   "samples for the held-out noise to score beside the calibration, with their runs' CFG scale")
     args = p.parse_args(argv)
     with exit_on_usage_error():
         check_number(args.repeats, "--repeats", low=2, integer=True)
+        device = common.pick_device()
+        models = [(path, *sample.load_model(path, device)) for path in args.ckpt]  # bad files stop here, not later
+        for path, _, cfg in models:
+            if cfg.get("data", "toy") != "toy":
+                raise common.UsageError(f"--ckpt {path} learned from other pairs, not the toy teacher's; the toy "
+                                        f"metrics score toy checkpoints (fid.py scores the others).")
         train, held = load_pairs(common.CACHE_DIR, args.toy_pairs, args.holdout, args.toy_seed)
     scorer = Scorer(train["x"], common.CACHE_DIR)
-    n, rows = args.holdout, []
-    rows.append(("the teacher's held-out images", scorer(held["x"], held["y"])))
+    n, rows, teacher = args.holdout, [], held["x"]
+    rows.append(("the teacher's held-out images", scorer(teacher, held["y"], teacher)))
     fresh = [scorer(s["x"], s["y"]) for s in (make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")
                                               for k in range(args.repeats))]
     fids = np.array([r["toy_fid"] for r in fresh])
     rows.append((f"fresh teacher images, {args.repeats} sets: mean (std {fids.std(ddof=1):.2f})",
                  {"toy_fid": fids.mean(), "toy_acc": np.mean([r["toy_acc"] for r in fresh])}))
     means = torch.stack([train["x"][train["y"] == c].mean(0) for c in range(NUM_CLASSES)])
-    rows.append(("the class-mean image of each label", scorer(means[held["y"]], held["y"])))
-    blurred = F.avg_pool2d(F.pad(held["x"], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    rows.append(("the teacher's held-out images, 3x3 box blur", scorer(blurred, held["y"])))
+    rows.append(("the class-mean image of each label", scorer(means[held["y"]], held["y"], teacher)))
+    blurred = F.avg_pool2d(F.pad(teacher, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    rows.append(("the teacher's held-out images, 3x3 box blur", scorer(blurred, held["y"], teacher)))
+    rule = (noise_rule_modes(held["z"], held["y"]) == modes_of(teacher, held["y"])).float().mean()
+    rows.append(("a rule on the noise alone (noise_rule_modes)", {"toy_mode": float(rule)}))
+    for path, model, cfg in models:
+        cfg_scale = sample.guidance(cfg)[1]
+        with torch.no_grad():
+            images = torch.cat([model.sample(held["z"][i:i + 500].to(device), held["y"][i:i + 500].to(device),
+                                             cfg_scale).float().cpu() for i in range(0, n, 500)])
+        run = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run's folder names it
+        rows.append((f"{run} (step {cfg['step']}, CFG {cfg_scale:g})", scorer(images, held["y"], teacher)))
     print(f"toy metric ({n:,} images each, labels of the held-out pairs) against {len(train['x']):,} teacher "
-          f"training images:")
+          f"training images; teacher's mode: the fraction drawn in the teacher's shape position and size for the "
+          f"same noise (chance {mode_chance():.1%}):")
+    show = {"toy_fid": "toy FID {:9.2f}", "toy_acc": "class accuracy {:6.1%}", "toy_mode": "teacher's mode {:6.1%}"}
     for name, r in rows:
-        print(f"  {name:58s} toy FID {r['toy_fid']:9.2f}  class accuracy {r['toy_acc']:.1%}")
+        print(f"  {name:58s} " + "  ".join(fmt.format(r[k]) if k in r else " " * len(fmt.format(0))
+                                           for k, fmt in show.items()))
 
 
 if __name__ == "__main__":
