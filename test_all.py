@@ -362,12 +362,17 @@ def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers
 def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path / "run", "--steps", "2"))
     capsys.readouterr()
-    toy.main(["--toy-pairs", "256", "--holdout", "32", "--repeats", "2", "--ckpt", str(tmp_path / "run" / "ckpt.pt")])
+    flags = ["--toy-pairs", "256", "--holdout", "32", "--repeats", "2", "--ckpt", str(tmp_path / "run" / "ckpt.pt")]
+    toy.main(flags)
     out = capsys.readouterr().out
     teacher = next(line for line in out.splitlines() if "the teacher's held-out images " in line)
     assert "teacher's mode 100.0%" in teacher  # the teacher's own images are drawn in its modes
-    run = next(line for line in out.splitlines() if "run (step 2, CFG 1.5)" in line)
+    run = next(line for line in out.splitlines() if "run (step 2, CFG 1.5)" in line)  # the run's own scale
     assert "toy FID" in run and "teacher's mode" in run
+    toy.main(flags + ["--cfg-scale", "1", "1.5"])  # both scales from one pair of passes, as DiT.sample guides
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if "run (step 2, CFG 1.5)" in line) == run
+    assert next(line for line in lines if "run (step 2, CFG 1)" in line) != run
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["ema"]["toy_mode"] <= 1 and "toy_mode" in results["class_mean"]  # and every toy eval
 
@@ -1526,6 +1531,7 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("toy", ["--toy-pairs", "0"], "--toy-pairs must be a positive integer"),
     ("toy", ["--repeats", "1"], "--repeats must be an integer at least 2"),
     ("toy", ["--ckpt", "no_such_ckpt.pt"], "no checkpoint at no_such_ckpt.pt"),
+    ("toy", ["--cfg-scale", "1", "-1"], "--cfg-scale must be"),
     ("distill", ["--data", "PATH", "--loss", "toy-lpips"], "--loss toy-lpips compares images"),
     ("sample", ["--ckpt", "a.pt", "--npz", "s.npz", "--compare", "c.png"], "not both"),
     ("data", ["--toy-seed", "-1"], "--toy-seed must be an integer at least 0"),

@@ -4,6 +4,7 @@ teacher for it, and the toy metrics that stand in for FID where CIFAR-10 and the
 
     python toy.py                  # the toy metric's calibration: the teacher's own images, its noise, baselines
     python toy.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt   # ... and those checkpoints' samples beside them
+    python toy.py --ckpt CKPT --cfg-scale 1 1.25 1.5          # ... at several guidance scales
     python data.py --data toy      # build (or find) the cached teacher pairs, print a summary
 
     import toy
@@ -455,16 +456,22 @@ def main(argv=None):
     p.add_argument("--toy-seed", type=int, default=0, help="seed of the teacher's pairs")
     p.add_argument("--repeats", type=int, default=5, help="fresh sets of --holdout teacher images: the metric's noise")
     p.add_argument("--ckpt", nargs="+", default=[], help="toy checkpoints (distill.py, ta.py, mi1.py) whose EMA "
-                   "samples for the held-out noise to score beside the calibration, with their runs' CFG scale")
+                   "samples for the held-out noise to score beside the calibration")
+    p.add_argument("--cfg-scale", type=float, nargs="+", help="guidance scales to score each --ckpt at (default: "
+                   "its run's, the paper's 1.5); any number of them costs one conditional and one unconditional pass")
     args = p.parse_args(argv)
     with exit_on_usage_error():
         check_number(args.repeats, "--repeats", low=2, integer=True)
+        for scale in args.cfg_scale or []:
+            check_number(scale, "--cfg-scale", low=0)
         device = common.pick_device()
         models = [(path, *sample.load_model(path, device)) for path in args.ckpt]  # bad files stop here, not later
         for path, _, cfg in models:
             if cfg.get("data", "toy") != "toy":
                 raise common.UsageError(f"--ckpt {path} learned from other pairs, not the toy teacher's; the toy "
                                         f"metrics score toy checkpoints (fid.py scores the others).")
+            for scale in args.cfg_scale or []:
+                sample.guidance(cfg, scale)  # an unconditional run refuses guidance
         train, held = load_pairs(common.CACHE_DIR, args.toy_pairs, args.holdout, args.toy_seed)
     scorer = Scorer(train["x"], common.CACHE_DIR)
     n, rows, teacher = args.holdout, [], held["x"]
@@ -481,12 +488,14 @@ def main(argv=None):
     rule = (noise_rule_modes(held["z"], held["y"]) == modes_of(teacher, held["y"])).float().mean()
     rows.append(("a rule on the noise alone (noise_rule_modes)", {"toy_mode": float(rule)}))
     for path, model, cfg in models:
-        cfg_scale = sample.guidance(cfg)[1]
-        with torch.no_grad():
-            images = torch.cat([model.sample(held["z"][i:i + 500].to(device), held["y"][i:i + 500].to(device),
-                                             cfg_scale).float().cpu() for i in range(0, n, 500)])
+        with torch.no_grad():  # guided = x_u + s (x_c - x_u), as DiT.sample, both halves made once for every s
+            cond, uncond = (torch.cat([model(held["z"][i:i + 500].to(device), labels[i:i + 500].to(device)).float().cpu()
+                                       for i in range(0, n, 500)])
+                            for labels in (held["y"], torch.full_like(held["y"], model.num_classes)))
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run's folder names it
-        rows.append((f"{run} (step {cfg['step']}, CFG {cfg_scale:g})", scorer(images, held["y"], teacher)))
+        for scale in args.cfg_scale or [sample.guidance(cfg)[1]]:
+            rows.append((f"{run} (step {cfg['step']}, CFG {scale:g})",
+                         scorer(uncond + scale * (cond - uncond), held["y"], teacher)))
     print(f"toy metric ({n:,} images each, labels of the held-out pairs) against {len(train['x']):,} teacher "
           f"training images; teacher's mode: the fraction drawn in the teacher's shape position and size for the "
           f"same noise (chance {mode_chance():.1%}):")
