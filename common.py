@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import socket
@@ -130,9 +131,17 @@ def load_torch_file(path, what, flag, **kwargs):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except Exception as e:  # truncated, not a torch file, a pickle of objects, a legacy format, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"{flag} {path} is not {what}: it cannot be read ({type(e).__name__}: {first[:200]}). "
+        raise UsageError(f"{flag} {path} is not {what}: it cannot be read ({load_error(e)}). "
                          f"Check the path, or write the file again.")
+
+
+def load_error(e, limit=200):
+    """A torch.load failure in a few words for a message: its type and first line. An unpickling error's own
+    text advises weights_only=False, which would run code from a file the user was handed: not repeated."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, pickle.UnpicklingError):
+        first = "it holds Python objects, not only tensors and plain containers, or it is not a torch file"
+    return f"{type(e).__name__}: {first[:limit]}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import common
 import sample
-from common import (UsageError, check_number, download_file, exit_on_usage_error, file_digest, pick_device,
-                    positive_ints, save_npz, writable_file, write_json)
+from common import (UsageError, check_number, download_file, exit_on_usage_error, file_digest, load_error,
+                    pick_device, positive_ints, save_npz, writable_file, write_json)
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
@@ -267,7 +267,7 @@ def load_inception(path=None, device="cpu", download=True):
         net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))  # strict: pytorch-fid's keys
     except Exception as e:
         raise UsageError(f"{file} is not pytorch-fid's FID Inception weights {WEIGHTS_NAME} "
-                         f"({type(e).__name__}: {str(e)[:300]}...). Download {WEIGHTS_URL} and pass --inception PATH.")
+                         f"({load_error(e, 300)}). Download {WEIGHTS_URL} and pass --inception PATH.")
     net.weights_id = file_digest(file)[:8]
     return net.eval().requires_grad_(False).to(device)
 
