@@ -460,7 +460,8 @@ def build_student(args, device, loss_fn, method=None, world=1, total_steps=None)
         fwd = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     return SimpleNamespace(model=model, ema=ema, extra=extra, extra_params=extra_params, opt=opt, fwd=fwd,
                            loss_fn=loss_fn, world=world, autocast=autocast(args, device), ema_max=args.ema,
-                           lr=args.lr, warmup=args.warmup, decay=args.decay, total=total_steps, grad_clip=args.grad_clip,
+                           lr=args.lr, warmup=args.warmup, decay=args.decay, total=total_steps,
+                           grad_clip=args.grad_clip,
                            needs_hidden=bool(extra is not None and extra.needs_hidden),
                            base_weight=extra.base_weight if extra is not None else 1.0)
 

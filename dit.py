@@ -236,13 +236,19 @@ class DiT(nn.Module):
         return (image, hidden) if return_hidden else image
 
     @torch.no_grad()
+    def guidance_halves(self, z, y):
+        """The conditional and unconditional (null-class) predictions (x_c, x_u) for z, y, in one fused batch
+        of 2B: every guidance scale s combines them as x_u + s (x_c - x_u)."""
+        null = torch.full_like(y, self.num_classes)
+        return self(torch.cat([z, z]), torch.cat([y, null])).chunk(2)
+
+    @torch.no_grad()
     def sample(self, z, y, cfg_scale=1.5):
         """Classifier-free guidance: x = x_u + s (x_c - x_u), both halves in one fused batch;
         s = 1 is a single conditional pass."""
         if cfg_scale == 1:
             return self(z, y)
-        null = torch.full_like(y, self.num_classes)
-        cond, uncond = self(torch.cat([z, z]), torch.cat([y, null])).chunk(2)
+        cond, uncond = self.guidance_halves(z, y)
         return uncond + cfg_scale * (cond - uncond)
 
 

@@ -488,13 +488,12 @@ def main(argv=None):
     rule = (noise_rule_modes(held["z"], held["y"]) == modes_of(teacher, held["y"])).float().mean()
     rows.append(("a rule on the noise alone (noise_rule_modes)", {"toy_mode": float(rule)}))
     for path, model, cfg in models:
-        with torch.no_grad():  # guided = x_u + s (x_c - x_u), as DiT.sample, both halves made once for every s
-            cond, uncond = (torch.cat([model(held["z"][i:i + 500].to(device), labels[i:i + 500].to(device)).float().cpu()
-                                       for i in range(0, n, 500)])
-                            for labels in (held["y"], torch.full_like(held["y"], model.num_classes)))
+        halves = [model.guidance_halves(held["z"][i:i + 500].to(device), held["y"][i:i + 500].to(device))
+                  for i in range(0, n, 500)]  # made once for every scale
+        cond, uncond = (torch.cat([h[k].float().cpu() for h in halves]) for k in (0, 1))
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run's folder names it
         for scale in args.cfg_scale or [sample.guidance(cfg)[1]]:
-            rows.append((f"{run} (step {cfg['step']}, CFG {scale:g})",
+            rows.append((f"{run} (step {cfg['step']}, CFG {scale:g})",  # as DiT.sample guides
                          scorer(uncond + scale * (cond - uncond), held["y"], teacher)))
     print(f"toy metric ({n:,} images each, labels of the held-out pairs) against {len(train['x']):,} teacher "
           f"training images; teacher's mode: the fraction drawn in the teacher's shape position and size for the "
