@@ -76,7 +76,8 @@ def get_parser(method=None):
     g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of init, data order, label dropout")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="output folder (default runs/d{d}w{w}h{h}_{loss})")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (a finished run with the same "
+                   "--steps: measure it again)")
     g.add_argument("--log-every", type=int, help="steps between log lines (real: 100; toy: 50)")
     g.add_argument("--eval-every", type=int, help="steps between held-out eval, grid, checkpoint (real: 1 epoch)")
     g.add_argument("--cfg-scale", type=float, help="guidance scale of the sample grid and FID (paper 1.5; 1 for "
@@ -267,25 +268,34 @@ def load_checkpoint(path):
 # Held-out measurement against the teacher
 
 @torch.no_grad()
-def evaluate(predict, held, device, lpips_net=None, scorer=None, generate=None, batch=500):
-    """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given;
-    with a toy Scorer, also the toy FID, class accuracy and teacher's-mode rate of generate(z, y) (default:
-    predict's images)."""
-    sq, lp, n, made = 0.0, 0.0, len(held), []
+def evaluate(predict, held, device, lpips_net=None, scorer=None, cfg_scale=None, batch=500):
+    """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given.
+    With a toy Scorer, also the toy FID, class accuracy and teacher's-mode rate: of the predictions themselves,
+    or, given cfg_scale (predict is then a DiT), of its samples guided at that scale; and then the toy FID at
+    the scale that suits it best (toy_fid_tuned, at cfg_tuned: toy.Scorer.best_scale)."""
+    n, halves = len(held), None
+    if scorer is not None:
+        z_all, labels, teacher = held.batch(torch.arange(n))
+        if cfg_scale is not None:  # a DiT's conditional half is its prediction: both once, for PSNR and every scale
+            halves = sample.guidance_halves(predict, z_all, labels, device, batch)
+    sq, lp, preds = 0.0, 0.0, []
     for i in range(0, n, batch):
         z, y, x = (t.to(device) for t in held.batch(torch.arange(i, min(i + batch, n))))
-        pred = predict(z, y).float()
+        pred = halves[0][i:i + batch].to(device) if halves else predict(z, y).float()
         sq += ((pred - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
         if lpips_net is not None:
             lp += lpips_net(pred, x).sum().item()
-        if scorer is not None:
-            made.append((generate(z, y).float() if generate else pred).cpu())
+        if scorer is not None and halves is None:
+            preds.append(pred.cpu())
     out = {"l2": sq / n, "psnr": data.psnr(sq / n)}
     if lpips_net is not None:
         out["lpips"] = lp / n
     if scorer is not None:
-        _, labels, teacher = held.batch(torch.arange(n))
-        out.update(scorer(torch.cat(made), labels, teacher))
+        out.update(scorer(dit.guided(halves, cfg_scale) if halves else torch.cat(preds), labels, teacher))
+    if halves is not None:
+        best = scorer.best_scale(sample.guidance_halves(predict, toy.selection_noise(n), labels, device, batch),
+                                 labels)
+        out.update(toy_fid_tuned=scorer(dit.guided(halves, best), labels)["toy_fid"], cfg_tuned=best)
     return out
 
 
@@ -311,7 +321,7 @@ def setup_fid(args, device, log):
 
 def fmt_metrics(m):
     formats = {"psnr": "psnr {:.2f} dB", "toy_fid": "toy_fid {:.2f}", "toy_acc": "toy_acc {:.1%}",
-               "toy_mode": "toy_mode {:.1%}"}
+               "toy_mode": "toy_mode {:.1%}", "toy_fid_tuned": "toy_fid_tuned {:.2f}", "cfg_tuned": "at cfg {:g}"}
     return " ".join(formats.get(k, k + " {:.4f}").format(v) for k, v in m.items())
 
 
@@ -505,7 +515,7 @@ def measure(run, held, baselines, lpips_eval, scorer, fid_setup, step, config, d
     fid_setup is given): appended to metrics.jsonl, written as results.json beside the baselines', the sample
     grid redrawn. Returns the record."""
     args = SimpleNamespace(**config)
-    metrics = evaluate(run.ema, held, device, lpips_eval, scorer, lambda z, y: run.ema.sample(z, y, args.cfg_scale))
+    metrics = evaluate(run.ema, held, device, lpips_eval, scorer, args.cfg_scale)
     if fid_setup is not None:
         metrics.update(fid.fid_of_model(run.ema, *fid_setup, n=args.fid_n, cfg_scale=args.cfg_scale, device=device,
                                         progress=sys.stderr.isatty(), conditional=args.conditional))
@@ -596,6 +606,9 @@ def train(args, method=None):
         if device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         step = state["step"]
+        if step > total:
+            raise UsageError(f"--resume: {ckpt_path} is at step {step}, past this command's {total} steps; give "
+                             f"--steps {step} or more (the same {step} measures the finished run again).")
     config = dict(vars(args), param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
     log("config: " + json.dumps(config, sort_keys=True))
     if state is not None:
@@ -614,6 +627,17 @@ def train(args, method=None):
     if lpips_eval is None:
         log("LPIPS metric skipped: its trunk weights are not in the torch hub cache (see README).")
     fid_setup = setup_fid(args, device, log) if master else None
+
+    def measure_and_save(fid_due):  # rank 0: the held-out metrics, results.json, grid and checkpoint
+        record = measure(run, held, baselines, lpips_eval, scorer, fid_setup if fid_due else None, step, config,
+                         device)
+        log(f"eval step {step} | ema {fmt_metrics(record['ema'])} | class-mean psnr "
+            f"{baselines['class_mean']['psnr']:.2f} dB")
+        save_checkpoint(ckpt_path, run, step, config)
+
+    if step == total and master:  # a finished run resumed: measured again, with this code's metrics
+        config["wall_s"] = state["config"].get("wall_s", 0.0)
+        measure_and_save(fid_due=fid_setup is not None)
 
     # -- the loop: a step per batch; a log line, evaluation and checkpoint at their intervals ---------
     wall_before = state["config"].get("wall_s", 0.0) if state is not None else 0.0
@@ -661,11 +685,7 @@ def train(args, method=None):
             if step % eval_every == 0 or last or fid_due:
                 config["wall_s"] = round(time.time() - t_start + wall_before, 1)
                 if master:
-                    record = measure(run, held, baselines, lpips_eval, scorer, fid_setup if fid_due else None,
-                                     step, config, device)
-                    log(f"eval step {step} | ema {fmt_metrics(record['ema'])} | class-mean psnr "
-                        f"{baselines['class_mean']['psnr']:.2f} dB")
-                    save_checkpoint(ckpt_path, run, step, config)
+                    measure_and_save(fid_due)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work done so far
         if bar:
             bar.close()

@@ -248,8 +248,13 @@ class DiT(nn.Module):
         s = 1 is a single conditional pass."""
         if cfg_scale == 1:
             return self(z, y)
-        cond, uncond = self.guidance_halves(z, y)
-        return uncond + cfg_scale * (cond - uncond)
+        return guided(self.guidance_halves(z, y), cfg_scale)
+
+
+def guided(halves, cfg_scale):
+    """Classifier-free guidance from the halves (x_c, x_u) of DiT.guidance_halves: x_u + s (x_c - x_u)."""
+    cond, uncond = halves
+    return uncond + cfg_scale * (cond - uncond)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,6 +77,15 @@ def generate(model, n, cfg_scale=PAPER_CFG, seed=0, batch=500, device="cpu", pro
     return torch.cat(images).numpy(), labels.numpy()
 
 
+@torch.no_grad()
+def guidance_halves(model, z, y, device="cpu", batch=500):
+    """DiT.guidance_halves over z [N,3,32,32], labels y [N] in batches -> (conditional, unconditional) float32
+    [N,3,32,32] on the CPU: every guidance scale's samples at the cost of two passes (dit.guided combines)."""
+    halves = [model.guidance_halves(z[i:i + batch].to(device), y[i:i + batch].to(device))
+              for i in range(0, len(z), batch)]
+    return tuple(torch.cat([h[k].float().cpu() for h in halves]) for k in (0, 1))
+
+
 def image_format(path, flag="--out"):
     """The PIL format that writes `path` (by its extension), or a UsageError."""
     ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""

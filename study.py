@@ -7,9 +7,10 @@ three panels and, for study.sh, one record per run (its results plus its design'
     python study.py --timings sweep.json --results 'runs/*/results.json' --plot tradeoff.png    # the runs'
     bash study.sh                          # the toy study: trains every design, times them, then calls this
 
-Quality: the runs' FID when any has one, else their toy FID (toy.py), else their held-out PSNR against the
-teacher; without --results, the paper's Table 6 FID beside our latency. The table has a column per metric the
-runs report (toy FID, toy class accuracy, PSNR): the mean over a design's runs, +- the spread of seed repeats.
+Quality: the runs' FID when any has one, else their toy FID (toy.py) at each run's best guidance scale, else
+their held-out PSNR against the teacher; without --results, the paper's Table 6 FID beside our latency. The table
+has a column per metric the runs report (toy FID at the best and at the run's own scale, the best scale, toy
+class accuracy, teacher's mode, PSNR): the mean over a design's runs, +- the spread of seed repeats.
 Every run's design must be among the sweep's.
 """
 import argparse
@@ -74,11 +75,16 @@ def load_results(patterns):
 
 METRICS = {  # what a run's results.json may hold -> (column label, where it is)
     "fid": ("FID (runs; lower is better)", lambda r: r.get("fid")),
-    "toy_fid": ("toy FID (runs; lower is better)", lambda r: r.get("ema", {}).get("toy_fid")),
+    "toy_fid_tuned": ("toy FID at its best CFG (runs; lower is better)",
+                      lambda r: r.get("ema", {}).get("toy_fid_tuned")),
+    "cfg_tuned": ("its best CFG (runs)", lambda r: r.get("ema", {}).get("cfg_tuned")),
+    "toy_fid": ("toy FID at the run's CFG (runs)", lambda r: r.get("ema", {}).get("toy_fid")),
     "toy_acc": ("toy class accuracy (runs)", lambda r: r.get("ema", {}).get("toy_acc")),
     "toy_mode": ("teacher's mode (runs)", lambda r: r.get("ema", {}).get("toy_mode")),
     "psnr": ("held-out PSNR dB (runs)", lambda r: r.get("ema", {}).get("psnr")),
 }
+
+FRACTIONS = ("toy_acc", "toy_mode")  # shown to 3 decimals, the others to 2
 
 
 def run_metrics(records):
@@ -96,12 +102,12 @@ def run_metrics(records):
 
 def quality_of(records, rows):
     """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
-    of their toy FID (the toy teacher's stand-in for it), else of their held-out PSNR, else the paper's Table 6
-    FID."""
+    of their toy FID (the toy teacher's stand-in for it) at each run's best guidance scale, else at the run's
+    own scale, else of their held-out PSNR, else the paper's Table 6 FID."""
     if not records:
         return "FID (paper, Table 6)", {tuple(r["design"]): r["paper_fid"] for r in rows if r["paper_fid"]}
     values = run_metrics(records)
-    name = next(m for m in ("fid", "toy_fid", "psnr") if m in values)
+    name = next(m for m in ("fid", "toy_fid_tuned", "toy_fid", "psnr") if m in values)
     return METRICS[name][0], {d: statistics.mean(v) for d, v in values[name].items()}
 
 
@@ -154,15 +160,16 @@ def sweep_table(rows, records):
     def cell(value):
         return "" if value is None else f"{value:.2f}"
 
-    def spread(v):
-        return "" if not v else f"{statistics.mean(v):.{3 if max(v) <= 1 else 2}f}" + (
-            f" +- {statistics.stdev(v):.{3 if max(v) <= 1 else 2}f} ({len(v)} runs)" if len(v) > 1 else "")
+    def spread(metric, v):
+        digits = 3 if metric in FRACTIONS else 2
+        return "" if not v else f"{statistics.mean(v):.{digits}f}" + (
+            f" +- {statistics.stdev(v):.{digits}f} ({len(v)} runs)" if len(v) > 1 else "")
     for r in rows:
         d = tuple(r["design"])
         lines.append(f"| ({d[0]},{d[1]},{d[2]}) | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
                      f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
                      f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
-                     + "".join(f" {spread(values[m].get(d))} |" for m in values))
+                     + "".join(f" {spread(m, values[m].get(d))} |" for m in values))
     return "\n".join(lines)
 
 

@@ -360,6 +360,23 @@ def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers
     assert rule > 4 * toy.mode_chance()
 
 
+def test_toy_best_scale_is_chosen_on_the_selection_samples(cache):
+    """Halves built so that guidance at one scale gives exact images of the family (and others add noise):
+    best_scale finds that scale, and it is the selection samples' own, not the held-out ones'."""
+    g = torch.Generator().manual_seed(3)
+    scorer = toy.Scorer(toy.draw(500, g)[0], cache)
+    x, y = toy.draw(200, g)
+    d = torch.randn(x.shape, generator=g)
+    exact_at = {1.5: (x - d, x - 3 * d), 2.0: (x - d, x - 2 * d)}  # x_u + s (x_c - x_u) = x + (s(b - a) - b) d
+    for scale, halves in exact_at.items():
+        assert torch.allclose(dit.guided(halves, scale), x, atol=1e-5)
+        assert scorer.best_scale(halves, y, scales=(1.0, 1.5, 2.0)) == scale
+    assert toy.TUNE_SCALES[0] == 1 and 1.5 in toy.TUNE_SCALES and 2.0 in toy.TUNE_SCALES
+    _, held = toy.load_pairs(cache, 256, 32)
+    assert not torch.equal(toy.selection_noise(32), held["z"]) and torch.equal(toy.selection_noise(4),
+                                                                               toy.selection_noise(4))
+
+
 def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsys):
     distill.main(train_args(cache, tmp_path / "run", "--steps", "2"))
     capsys.readouterr()
@@ -376,6 +393,13 @@ def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsy
     assert next(line for line in lines if "run (step 2, CFG 1)" in line) != run
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["ema"]["toy_mode"] <= 1 and "toy_mode" in results["class_mean"]  # and every toy eval
+    # every toy eval also scores the run at its best scale, chosen on other noise: toy.py finds the same scale,
+    # and its toy FID at that scale is the eval's
+    best = results["ema"]["cfg_tuned"]
+    assert best in toy.TUNE_SCALES and f"run (step 2, its best CFG {best:g})" in out
+    toy.main(flags + ["--cfg-scale", str(best)])
+    row = next(line for line in capsys.readouterr().out.splitlines() if f"run (step 2, CFG {best:g})" in line)
+    assert f"toy FID {results['ema']['toy_fid_tuned']:9.2f}" in row
 
 
 def test_toy_networks_are_trained_once_deterministically_and_cached(tmp_path, monkeypatch):
@@ -611,6 +635,17 @@ def test_distill_resume_is_exact(cache, tmp_path):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    # a finished run resumed with its own step count is measured again (e.g. after a metric is added), unchanged
+    (straight / "results.json").unlink()
+    distill.main(train_args(cache, straight, "--steps", "20", "--eval-every", "10", "--resume"))
+    again = torch.load(straight / "ckpt.pt", weights_only=True)
+    assert again["step"] == 20 and all(torch.equal(a["ema"][k], again["ema"][k]) for k in a["ema"])
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20, 20] and lines[-1]["ema"] == lines[-2]["ema"]
+    assert json.loads((straight / "results.json").read_text())["wall_s"] == lines[-2]["wall_s"]
+    with pytest.raises(SystemExit) as stop:  # fewer steps than it has: refused, not silently "done"
+        distill.main(train_args(cache, straight, "--steps", "10", "--resume"))
+    assert stop.value.code == 2
 
 
 def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
@@ -1160,15 +1195,15 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
         assert r["param_count"] == dit.param_count(5, 64) and r["wall_s"] > 0 and r["hardware"]
         assert r["ema"]["psnr"] > 0 and r["class_mean"]["psnr"] > 0
         assert r["ema"]["toy_fid"] > 0 and 0 <= r["ema"]["toy_acc"] <= 1 and r["teacher"]["toy_fid"] >= 0
-        assert 0 <= r["ema"]["toy_mode"] <= 1
+        assert 0 <= r["ema"]["toy_mode"] <= 1 and r["ema"]["toy_fid_tuned"] > 0 and r["ema"]["cfg_tuned"] >= 1
         assert r["latency"]["mode"] == "lut" and r["latency"]["ms_per_image"] > 0
     assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_toy-lpips"]["loss"] == "toy-lpips"
     table = (tmp_path / "results" / "sweep.md").read_text()
     main = records["d5w64h8_toy-lpips"]["ema"]
-    assert table.count("| (5,64,8) |") == 1 and "toy FID (runs" in table  # the toy FID is the quality axis
+    assert table.count("| (5,64,8) |") == 1 and "toy FID at its best CFG (runs" in table  # the quality axis
     assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, gradient clip 1, loss " in table  # study.sh's recipe
-    assert f"| {main['toy_fid']:.2f} | {main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |" \
-        in table  # not the L1 run's
+    assert (f"| {main['toy_fid_tuned']:.2f} | {main['cfg_tuned']:.2f} | {main['toy_fid']:.2f} | "
+            f"{main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |") in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2, second.stdout[-2000:]
