@@ -432,10 +432,11 @@ class Scorer:
             out["toy_mode"] = float((modes_of(images, labels) == modes_of(teacher, labels)).float().mean())
         return out
 
-    def best_scale(self, selection_halves, labels, scales=TUNE_SCALES):
-        """The guidance scale that suits a model best: of scales, the one whose samples of selection_noise score
-        the lowest toy FID (selection_halves: the model's conditional and unconditional predictions for that
-        noise and labels [N], as sample.guidance_halves makes them)."""
+    def best_scale(self, selection_halves, labels, scales=None):
+        """The guidance scale that suits a model best: of scales (default TUNE_SCALES), the one whose samples of
+        selection_noise score the lowest toy FID (selection_halves: the model's conditional and unconditional
+        predictions for that noise and labels [N], as sample.guidance_halves makes them)."""
+        scales = scales or TUNE_SCALES
         fids = [toy_fid(self.net, dit.guided(selection_halves, s), labels, self.reference)["toy_fid"] for s in scales]
         return scales[int(np.argmin(fids))]
 
