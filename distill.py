@@ -272,7 +272,7 @@ def evaluate(predict, held, device, lpips_net=None, scorer=None, cfg_scale=None,
     """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given.
     With a toy Scorer, also the toy FID, class accuracy and teacher's-mode rate: of the predictions themselves,
     or, given cfg_scale (predict is then a DiT), of its samples guided at that scale; and then the toy FID at
-    the scale that suits it best (toy_fid_tuned, at cfg_tuned: toy.Scorer.best_scale)."""
+    the scale that suits it best (toy_fid_tuned, at cfg_tuned: toy.Scorer.tuned)."""
     n, halves = len(held), None
     if scorer is not None:
         z_all, labels, teacher = held.batch(torch.arange(n))
@@ -293,9 +293,8 @@ def evaluate(predict, held, device, lpips_net=None, scorer=None, cfg_scale=None,
     if scorer is not None:
         out.update(scorer(dit.guided(halves, cfg_scale) if halves else torch.cat(preds), labels, teacher))
     if halves is not None:
-        best = scorer.best_scale(sample.guidance_halves(predict, toy.selection_noise(n), labels, device, batch),
-                                 labels)
-        out.update(toy_fid_tuned=scorer(dit.guided(halves, best), labels)["toy_fid"], cfg_tuned=best)
+        best, tuned = scorer.tuned(predict, halves, labels, device)
+        out.update(toy_fid_tuned=tuned["toy_fid"], cfg_tuned=best)
     return out
 
 
@@ -635,12 +634,12 @@ def train(args, method=None):
             f"{baselines['class_mean']['psnr']:.2f} dB")
         save_checkpoint(ckpt_path, run, step, config)
 
+    wall_before = state["config"].get("wall_s", 0.0) if state is not None else 0.0
     if step == total and master:  # a finished run resumed: measured again, with this code's metrics
-        config["wall_s"] = state["config"].get("wall_s", 0.0)
+        config["wall_s"] = wall_before
         measure_and_save(fid_due=fid_setup is not None)
 
     # -- the loop: a step per batch; a log line, evaluation and checkpoint at their intervals ---------
-    wall_before = state["config"].get("wall_s", 0.0) if state is not None else 0.0
     t_start = t_log = time.time()
     step_at_start, loss_sum, loss_count, term_sums = step, torch.zeros((), device=device), 0, {}
     bar = None

@@ -420,7 +420,7 @@ class Scorer:
     {"toy_fid", "toy_acc"}; given the teacher's images for the same noise, also "toy_mode": the fraction of
     images drawn in the teacher's mode (shape position and size; chance is mode_chance()). The toy FID,
     like FID, pools its features over the image and barely sees where a shape is: toy_mode does.
-    scorer.best_scale chooses the guidance scale that suits a model best."""
+    scorer.tuned scores a model at the guidance scale that suits it best (best_scale)."""
 
     def __init__(self, train_images, cache_dir):
         self.net = trained_net("metric", cache_dir)
@@ -439,6 +439,14 @@ class Scorer:
         scales = scales or TUNE_SCALES
         fids = [toy_fid(self.net, dit.guided(selection_halves, s), labels, self.reference)["toy_fid"] for s in scales]
         return scales[int(np.argmin(fids))]
+
+    def tuned(self, model, halves, labels, device, teacher=None):
+        """A model scored at its best guidance scale: the scale best_scale chooses on its samples of
+        selection_noise, then its held-out samples (halves, as sample.guidance_halves makes them, for labels [N])
+        scored at it -> (scale, this scorer's metrics)."""
+        selection = sample.guidance_halves(model, selection_noise(len(labels)), labels, device)
+        best = self.best_scale(selection, labels)
+        return best, self(dit.guided(halves, best), labels, teacher)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,16 +520,14 @@ def main(argv=None):
     rows.append(("the teacher's held-out images, 3x3 box blur", scorer(blurred, held["y"], teacher)))
     rule = (noise_rule_modes(held["z"], held["y"]) == modes_of(teacher, held["y"])).float().mean()
     rows.append(("a rule on the noise alone (noise_rule_modes)", {"toy_mode": float(rule)}))
-    selection = selection_noise(n)
     for path, model, cfg in models:
         halves = sample.guidance_halves(model, held["z"], held["y"], device)  # made once for every scale
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run's folder names it
         for scale in args.cfg_scale or [sample.guidance(cfg)[1]]:
             rows.append((f"{run} (step {cfg['step']}, CFG {scale:g})",  # as DiT.sample guides
                          scorer(dit.guided(halves, scale), held["y"], teacher)))
-        best = scorer.best_scale(sample.guidance_halves(model, selection, held["y"], device), held["y"])
-        rows.append((f"{run} (step {cfg['step']}, its best CFG {best:g})",
-                     scorer(dit.guided(halves, best), held["y"], teacher)))
+        best, metrics = scorer.tuned(model, halves, held["y"], device, teacher)
+        rows.append((f"{run} (step {cfg['step']}, its best CFG {best:g})", metrics))
     print(f"toy metric ({n:,} images each, labels of the held-out pairs) against {len(train['x']):,} teacher "
           f"training images; teacher's mode: the fraction drawn in the teacher's shape position and size for the "
           f"same noise (chance {mode_chance():.1%}):")
