@@ -16,7 +16,8 @@
 # folders), RESULTS (JSONs, table, plot); JOBS (runs at once; each gets cores/JOBS torch threads unless
 # OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs
 # a subset (any of the runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default
-# python). Extra arguments go to every distill.py run.
+# python). Extra arguments go to every distill.py run. The report (timing, records, table, plot) covers every
+# run of the study finished in OUT at STEPS, so a later call with ONLY or ALL=1 adds its runs to the table.
 set -euo pipefail
 cd "$(dirname "$0")"
 STEPS=${STEPS:-1200} BATCH=${BATCH:-32} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
@@ -64,6 +65,7 @@ RUNS=("${CORE[@]}")
 if [ "$ALL" = 1 ] || [ -n "$ONLY" ]; then RUNS+=("${REST[@]}"); fi  # ONLY may name any run
 run_name() { echo "d$1w$2h$3_$4${5:+_s$5}"; }                # d w h loss [seed] -> the run's folder name
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }  # NAME: is it in ONLY (or ONLY unset)?
+finished() { [ -f "$OUT/$1/results.json" ] && grep -q "\"step\": $STEPS," "$OUT/$1/results.json"; }  # NAME: done?
 names=" "; for r in "${RUNS[@]}"; do names+="$(run_name $r) "; done
 for name in $ONLY; do
   [[ $names == *" $name "* ]] || die "ONLY names an unknown run '$name'; the runs are:$names"
@@ -79,7 +81,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
   local name; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
   local out="$OUT/$name" tag="study: [$k/$TOTAL] $name" resume=()
   wanted "$name" || return 0
-  if [ -f "$out/results.json" ] && grep -q "\"step\": $STEPS," "$out/results.json"; then
+  if finished "$name"; then
     echo "$tag: finished, skipped"; return 0
   fi
   [ -f "$out/ckpt.pt" ] && resume=(--resume)
@@ -96,7 +98,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
     echo "$tag: $(grep '^eval step' "$out/log.txt" | tail -1)"
   fi
 }
-export -f run_name wanted run_one
+export -f run_name wanted finished run_one
 TOTAL=${#RUNS[@]}
 export STEPS BATCH LR WARMUP CLIP SEED JOBS OUT ONLY TOTAL PYTHON THREADS
 
@@ -108,9 +110,9 @@ printf '%s\n' "${specs[@]:1}" | xargs -d '\n' -P "$JOBS" -I{} bash -c 'run_one "
 echo "study: training done in $(( ($(date +%s) - start) / 60 )) min; timing every design on $BENCH_DEVICE"
 
 designs=() results=()
-for r in "${RUNS[@]}"; do
+for r in "${CORE[@]}" "${REST[@]}"; do  # this call's runs and any others finished earlier in OUT
   read -r d w h loss seed <<<"$r"; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
-  wanted "$name" || continue
+  finished "$name" || continue
   designs+=("$d,$w,$h") results+=("$OUT/$name/results.json")
 done
 mkdir -p "$RESULTS"

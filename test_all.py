@@ -1181,7 +1181,7 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
 
 def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     """study.sh end to end on two tiny runs: one record per run with its latency, the L1 run kept out of
-    its design's quality point, and a second call skips the finished runs."""
+    its design's quality point; a second call skips the finished run it names and reports both."""
     env = dict(STEPS="3", BATCH="8", OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"),
                ONLY="d5w64h8_toy-lpips d5w64h8_l1", BENCH_N="2", PYTHON=sys.executable,
                TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache, whatever this machine has
@@ -1205,9 +1205,12 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     assert (f"| {main['toy_fid_tuned']:.2f} | {main['cfg_tuned']:.2f} | {main['toy_fid']:.2f} | "
             f"{main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |") in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "results" / "sweep.md").unlink()
+    env["ONLY"] = "d5w64h8_l1"  # a call naming one finished run still reports both
     second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
-    assert second.returncode == 0 and second.stdout.count("finished, skipped") == 2, second.stdout[-2000:]
+    assert second.returncode == 0 and second.stdout.count("finished, skipped") == 1, second.stdout[-2000:]
     assert "config:" not in second.stdout  # no distill.py run started
+    assert "Runs (2): " in (tmp_path / "results" / "sweep.md").read_text()
 
 
 def test_bench_train_times_distills_own_step(tmp_path, monkeypatch):
