@@ -45,6 +45,8 @@ import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--d", "2", "--w", "32", "--h", "4"]  # 32k-parameter student for fast loops
+REAL_TUNE_SCALES = toy.TUNE_SCALES  # read before the cache fixture shortens it to TEST_TUNE_SCALES
+TEST_TUNE_SCALES = (1.0, 1.25, 1.5, 2.0)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +57,7 @@ def cache(tmp_path_factory):
         mp.setattr(common, "CACHE_DIR", d)
         mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses, which then find the toy networks trained here
         mp.setattr(toy, "NET_STEPS", 20)  # the toy metric's networks, barely trained: the tests check plumbing
-        mp.setattr(toy, "TUNE_SCALES", (1.0, 1.25, 1.5, 2.0))  # and the tuned score's grid, shortened
+        mp.setattr(toy, "TUNE_SCALES", TEST_TUNE_SCALES)  # and the tuned score's grid, shortened
         for kind in toy.NETS:  # trained now, so that every test and subprocess finds them in the cache
             toy.trained_net(kind, d)
         yield d
@@ -372,6 +374,8 @@ def test_toy_best_scale_is_chosen_on_the_selection_samples(cache):
     for scale, halves in exact_at.items():
         assert torch.allclose(dit.guided(halves, scale), x, atol=1e-5)
         assert scorer.best_scale(halves, y, scales=(1.0, 1.5, 2.0)) == scale
+    # the real grid (the fixture shortens it) runs from 1 and holds the paper's 1.5, 2.0 and the tests' scales
+    assert REAL_TUNE_SCALES[0] == 1 and set(TEST_TUNE_SCALES) <= set(REAL_TUNE_SCALES)
     _, held = toy.load_pairs(cache, 256, 32)
     assert not torch.equal(toy.selection_noise(32), held["z"]) and torch.equal(toy.selection_noise(4),
                                                                                toy.selection_noise(4))
