@@ -401,7 +401,7 @@ def mode_chance():
 
 # A run's tuned score: its toy FID at the guidance scale that suits it best. The best scale falls as a student
 # learns and differs between sizes (on the toy at step 1,200: 1.55-1.6 for the 0.42M design, 1.35-1.4 for the
-# larger ones; 1.25-1.3 at step 2,400, where the toy FID at 1.5 is two to five times that at the best scale), so
+# larger ones; 1.2-1.3 at step 2,400, where the toy FID at 1.5 is two to five times that at the best scale), so
 # runs compared at one fixed scale are ranked partly by how well that scale happens to suit each. The scale is
 # chosen on samples of other noise (SELECTION_SEED, the held-out labels), not on the held-out noise it then
 # scores, so the choice does not flatter the score.
