@@ -342,6 +342,12 @@ def test_toy_metric_behaves_like_fid():
     assert draws["toy_fid"] < 0.1 * min(class_means["toy_fid"], blurred["toy_fid"])
     assert toy.toy_fid(net, x, (y + 1) % 10, reference)["toy_acc"] < 0.5 * draws["toy_acc"]
     assert toy.toy_fid(net, x, y, reference)["toy_fid"] == draws["toy_fid"]  # deterministic
+    # it sees how shapes' positions are distributed (all large and centred: far worse), not which draw has which
+    # position (fresh colours at each image's own position and size: as good as the draws)
+    again = toy.at_their_positions(x, y)
+    assert torch.equal(toy.modes_of(again, y), toy.modes_of(x, y)) and not torch.equal(again, x)
+    centred = toy.draw(500, g, y, torch.full((500,), toy.CENTRE_MODE))[0]
+    assert toy.toy_fid(net, again, y, reference)["toy_fid"] < 0.25 * toy.toy_fid(net, centred, y, reference)["toy_fid"]
 
 
 def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers():
@@ -391,6 +397,7 @@ def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsy
     assert "teacher's mode 100.0%" in teacher  # the teacher's own images are drawn in its modes
     run = next(line for line in out.splitlines() if "run (step 2, CFG 1.5)" in line)  # the run's own scale
     assert "toy FID" in run and "teacher's mode" in run
+    assert "the family at the teacher's images' positions" in out and "its positions (" in out
     toy.main(flags + ["--cfg-scale", "1", "1.5"])  # both scales from one pair of passes, as DiT.sample guides
     lines = capsys.readouterr().out.splitlines()
     assert next(line for line in lines if "run (step 2, CFG 1.5)" in line) == run
