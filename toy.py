@@ -284,21 +284,25 @@ class PerceptualNet(nn.Module):
 
 def train_classifier(cls, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
     """A new cls() trained with cross-entropy on fresh exact draws of the family (no sample is seen twice),
-    AdamW. Seeded (the initial weights too, without touching the caller's random state), and on one CPU
-    thread, so that the weights do not depend on how many threads the caller runs (a sum split over more
-    threads rounds differently, and training amplifies it). Safe to run in several threads at once."""
+    AdamW -> the network in float32, for use. Seeded (the initial weights too, without touching the caller's
+    random state), on one CPU thread and in float64, so that the weights do not depend on the caller's thread
+    count and depend less on the CPU: a float32 convolution rounds differently with each CPU's vector kernels
+    (AVX2, AVX-512, ...) and training amplifies it (after 100 steps, weights 0.14 apart between an AVX-512 and
+    an AVX2 run of one seed; 4e-15 in float64). Float64 only delays the parting: over 600 steps the metric's
+    network still agrees (1e-9) but the perceptual one parts (0.35), hence the shipped files (trained_nets).
+    Safe to run in several threads at once."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this thread's (OpenMP's thread count is per calling thread)
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the global generator, only for the initial weights
         torch.manual_seed(seed)
-        net = cls()
+        net = cls().double()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     t0 = time.time()
     try:
         for step in range(steps):
             x, y = draw(batch, g)
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x.double()), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -306,33 +310,38 @@ def train_classifier(cls, seed, steps, batch=128, lr=2e-3, desc="toy classifier"
                 print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f}s", flush=True)
     finally:
         torch.set_num_threads(threads)
-    return net.eval().requires_grad_(False)
+    return net.float().eval().requires_grad_(False)
 
 
 _INIT_LOCK = threading.Lock()
 NETS = {"metric": (Classifier, 0), "perceptual": (PerceptualNet, 1)}  # network, seed
 NET_STEPS = 600  # 76,800 fresh draws (the tests train for fewer)
+NETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_nets")  # shipped with the repo
 
 
 def trained_nets(kinds, cache_dir):
     """{kind: network} for kinds among NETS: the toy metric's classifier ("metric") and the toy LPIPS's network
-    ("perceptual"), each trained once (about 90 s on one CPU thread; the missing ones train side by side, one
-    thread each, so both take no longer than one), then cached in cache_dir (by family and kind; delete the
-    file to train it again) and loaded from there."""
+    ("perceptual"). Each is looked for in NETS_DIR, which ships the ones this code trains for the default family
+    (so that every machine scores with the same network, as FID's users share one Inception, and the quick start
+    trains neither), then in cache_dir. One found in neither is trained (train_classifier: about 6 min on one CPU
+    thread; missing ones side by side, one thread each, so both take no longer than one) and cached in cache_dir.
+    Files are named by family, kind, seed and steps, so a changed family trains its own; delete a file to train
+    it again (on another CPU, not bit for bit the shipped weights: see train_classifier)."""
     nets, missing = {}, {}
     for kind in kinds:
         cls, seed = NETS[kind]
-        key = hashlib.sha1(f"{FAMILY} {kind} {seed}".encode()).hexdigest()[:10]
-        path = os.path.join(cache_dir, f"toy_{kind}_{key}.pt")
-        if os.path.exists(path):
-            try:
-                net = cls()
-                net.load_state_dict(torch.load(path, weights_only=True))
-                nets[kind] = net.eval().requires_grad_(False)
-                continue
-            except Exception as e:  # our own cache: train it again rather than stop
-                print(f"toy {kind} network: the cache {path} cannot be read ({type(e).__name__}); training it again")
-        missing[kind] = path
+        name = f"toy_{kind}_{hashlib.sha1(f'{FAMILY} {kind} {seed} {NET_STEPS}'.encode()).hexdigest()[:10]}.pt"
+        for path in (os.path.join(NETS_DIR, name), os.path.join(cache_dir, name)):
+            if os.path.exists(path):
+                try:
+                    net = cls()
+                    net.load_state_dict(torch.load(path, weights_only=True))
+                    nets[kind] = net.eval().requires_grad_(False)
+                    break
+                except Exception as e:  # our own file: train it again rather than stop
+                    print(f"toy {kind} network: {path} cannot be read ({type(e).__name__}); training it again")
+        else:
+            missing[kind] = os.path.join(cache_dir, name)
     if missing:
         writable_dir(cache_dir, "the toy cache folder (DIT_NANO_CACHE)")
         with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:  # the convolutions release the GIL
