@@ -55,11 +55,8 @@ def cache(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("toy_cache"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "CACHE_DIR", d)
-        mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses, which then find the toy networks trained here
-        mp.setattr(toy, "NET_STEPS", 20)  # the toy metric's networks, barely trained: the tests check plumbing
-        mp.setattr(toy, "TUNE_SCALES", TEST_TUNE_SCALES)  # and the tuned score's grid, shortened
-        for kind in toy.NETS:  # trained now, so that every test and subprocess finds them in the cache
-            toy.trained_net(kind, d)
+        mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses; they and the tests score with the shipped toy networks
+        mp.setattr(toy, "TUNE_SCALES", TEST_TUNE_SCALES)  # the tuned score's grid, shortened
         yield d
 
 
