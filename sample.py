@@ -131,7 +131,8 @@ def save_comparison(models, path, cfg_scale=PAPER_CFG, per_class=2, seed=0, devi
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
     fig.subplots_adjust(left=0.12, right=0.995, top=0.995, bottom=0.005, hspace=0.06)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=image_format(path).lower()))
+    save = dict(dpi=100, format=image_format(path).lower(), bbox_inches="tight", pad_inches=0.03)  # whole labels
+    atomic_write(path, lambda tmp: fig.savefig(tmp, **save))
     plt.close(fig)
 
 

@@ -321,10 +321,10 @@ def test_toy_pairs_are_cached_and_deterministic(tmp_path):
     assert not torch.equal(a_train["z"], c_train["z"]) and len(glob.glob(str(tmp_path / "toy_*.pt"))) == 2
 
 
-def test_toy_metric_behaves_like_fid():
-    """On a briefly trained classifier: exact draws of the family score near 0 against other draws, class-mean
+def test_toy_metric_behaves_like_fid(tmp_path):
+    """On the shipped metric network: exact draws of the family score near 0 against other draws, class-mean
     and blurred images far worse; the accuracy counts the labels the images were meant to have."""
-    net = toy.train_classifier(toy.Classifier, seed=0, steps=150, batch=64)
+    net = toy.trained_net("metric", str(tmp_path))
     g = torch.Generator().manual_seed(1)
     ref_x, ref_y = toy.draw(1500, g)
     reference = toy.statistics(toy.features_and_logits(net, ref_x)[0])
@@ -468,8 +468,7 @@ def test_toy_networks_are_the_same_whatever_the_cpus_vector_kernels(tmp_path):
             assert value.dtype == torch.float32 and torch.allclose(value, b[kind][key], rtol=0, atol=1e-12), key
 
 
-def test_toy_lpips_loss_prefers_the_image_to_its_blur_and_trains(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "NET_STEPS", 30)
+def test_toy_lpips_loss_prefers_the_image_to_its_blur_and_trains(tmp_path):
     loss_fn = toy.perceptual_loss(str(tmp_path), "cpu")
     x, _ = toy.draw(8, torch.Generator().manual_seed(0))
     blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)

@@ -440,8 +440,8 @@ class Scorer:
     statistics of the teacher's training images (the toy's "CIFAR-10 train"). scorer(images, labels) ->
     {"toy_fid", "toy_acc"}; given the teacher's images for the same noise, also "toy_mode": the fraction of
     images drawn in the teacher's mode (shape position and size; chance is mode_chance()). The toy FID,
-    like FID, pools its features over the image: it sees how a set's shape positions are distributed (students
-    that put half their shapes large and centred score 33-109 for that alone, fresh teacher sets 7-26), not
+    like FID, pools its features over the image: it sees how a set's shape positions are distributed (the
+    family with every shape large and centred scores far above fresh teacher sets: python toy.py), not
     whether each image has its shape where the teacher put it for the same noise: toy_mode does (and
     at_their_positions separates the two).
     scorer.tuned scores a model at the guidance scale that suits it best (best_scale)."""
@@ -536,7 +536,8 @@ def main(argv=None):
     fresh = [scorer(s["x"], s["y"]) for s in (make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")
                                               for k in range(args.repeats))]
     fids = np.array([r["toy_fid"] for r in fresh])
-    rows.append((f"fresh teacher images, {args.repeats} sets: mean (std {fids.std(ddof=1):.2f})",
+    rows.append((f"fresh teacher images, {args.repeats} sets: mean ({fids.min():.1f}-{fids.max():.1f}, std "
+                 f"{fids.std(ddof=1):.1f})",
                  {"toy_fid": fids.mean(), "toy_acc": np.mean([r["toy_acc"] for r in fresh])}))
     means = torch.stack([train["x"][train["y"] == c].mean(0) for c in range(NUM_CLASSES)])
     rows.append(("the class-mean image of each label", scorer(means[held["y"]], held["y"], teacher)))
