@@ -268,7 +268,7 @@ def load_checkpoint(path):
 # Held-out measurement against the teacher
 
 @torch.no_grad()
-def evaluate(predict, held, device, lpips_net=None, scorer=None, cfg_scale=None, batch=500):
+def evaluate(predict, held, device, lpips_net=None, scorer=None, cfg_scale=None, batch=sample.METRIC_BATCH):
     """predict(z, y) -> images, over the held-out pairs: mean L2 (MSE), its PSNR, and LPIPS if a net is given.
     With a toy Scorer, also the toy FID, class accuracy and teacher's-mode rate: of the predictions themselves,
     or, given cfg_scale (predict is then a DiT), of its samples guided at that scale; and then the toy FID at

@@ -26,6 +26,7 @@ IMG, PATCH, CHANNELS, NUM_CLASSES = 32, 2, 3, 10
 TOKENS = (IMG // PATCH) ** 2  # T = 256 tokens of 2x2x3 pixels
 FREQ_DIM = 256                 # timestep frequency features, as in DiT
 STUDENT_T = 0.0                # the one-step student's constant timestep input (kept for DiT's module list)
+CPU_HEAD_WIDTH = 16            # heads narrower than this are zero-padded to it on the CPU (Attention.forward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +140,17 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,C/h]
-        x = F.scaled_dot_product_attention(q, k, v)  # [B,h,T,C/h], the fused kernel where available
+        e = C // self.heads  # head width
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, e).permute(2, 0, 3, 1, 4)  # 3x[B,h,T,e]
+        if x.device.type == "cpu" and e < CPU_HEAD_WIDTH and not torch.onnx.is_in_onnx_export():
+            # PyTorch's fused CPU kernel runs narrow heads slowly (e = 8, the 0.42M design's: 1.5x the time of
+            # e = 16 for training, on AVX-512 and AVX2 alike). Zero columns change no score q.k and give zero
+            # output columns, which are dropped: the same attention (softmax scale of e, not of the padded
+            # width), and the (5,64,8) training step ~25% faster.
+            q, k, v = (F.pad(t, (0, CPU_HEAD_WIDTH - e)) for t in (q, k, v))
+            x = F.scaled_dot_product_attention(q, k, v, scale=e ** -0.5)[..., :e]
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # [B,h,T,e], the fused kernel where available
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
 

@@ -188,8 +188,10 @@ def test_dit_design_rules_give_papers_rows():
 def counted_flops(fn):
     """FLOPs torch's FlopCounterMode sees in fn(), with attention forced onto SDPA's math backend: its two matmuls
     are then plain bmm calls that every torch version counts (a fused CPU attention kernel is counted by some
-    versions and not by others, e.g. not by 2.14)."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+    versions and not by others, e.g. not by 2.14). Narrow heads unpadded: the padding's zeros are not the model's."""
+    with pytest.MonkeyPatch.context() as mp, sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
+        mp.setattr(dit, "CPU_HEAD_WIDTH", 0)
         fn()
     return counter.get_total_flops()
 
@@ -218,6 +220,23 @@ def test_dit_forward_hidden_decode_and_cfg():
     null = torch.full_like(y, 10)
     guided = model(z, null) + 1.5 * (model(z, y) - model(z, null))
     assert torch.allclose(model.sample(z, y, cfg_scale=1.5), guided, atol=1e-5)
+
+
+@pytest.mark.parametrize("width,heads", [(32, 8), (64, 8), (96, 8), (64, 4)])  # head widths 4, 8, 12, 16
+def test_dit_cpu_head_padding_is_the_same_attention(width, heads, monkeypatch):
+    """Narrow heads zero-padded on the CPU (the fast kernel path) give the outputs and gradients of plain SDPA."""
+    torch.manual_seed(0)
+    attn, x = dit.Attention(width, heads), torch.randn(3, 256, width)
+    runs = []
+    for pad_to in (dit.CPU_HEAD_WIDTH, 0):
+        monkeypatch.setattr(dit, "CPU_HEAD_WIDTH", pad_to)
+        xi = x.clone().requires_grad_()
+        out = attn(xi)
+        out.square().sum().backward()
+        runs.append((out.detach(), xi.grad, attn.qkv.weight.grad.clone()))
+        attn.zero_grad()
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_dit_zero_init_outputs_zero():

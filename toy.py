@@ -359,7 +359,7 @@ def trained_net(kind, cache_dir):
 
 
 @torch.no_grad()
-def features_and_logits(net, images, batch=500):
+def features_and_logits(net, images, batch=sample.METRIC_BATCH):
     """images [N,3,32,32] on [-1,1] -> (features float64 [N,128], logits [N,10]) on the CPU."""
     feats, logits = [], []
     for i in range(0, len(images), batch):
