@@ -375,14 +375,15 @@ def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers
     x = (bg * (1 - m) + fg * m).view(-1, 3, 32, 32)
     names = torch.stack([toy.MODE_NAMES[c][j] for c, j in zip(labels.tolist(), modes.tolist())])
     assert torch.equal(toy.modes_of(x, labels), names)  # whatever the colours; modes that draw one image are one
-    assert (names != modes).any() and 1 / J < toy.mode_chance() < 2 / J
-    moved = toy.modes_of(torch.roll(x, 1, dims=3), labels)  # a pixel to the right: another mode, mostly
-    assert 0.5 < (moved != names).float().mean() < 1
+    assert 1 / J <= toy.mode_chance() < 1
+    if toy.JITTER:  # positions a pixel apart: some modes draw one image, and a pixel to the right is another mode
+        assert (names != modes).any() and toy.mode_chance() > 1 / J
+        assert 0.5 < (toy.modes_of(torch.roll(x, 1, dims=3), labels) != names).float().mean() < 1
     # the teacher's choice of mode is a simple function of its noise: a rule on the noise alone names it far
-    # more often than chance (56% at 1,000 pairs of the default family), so a student can learn it
+    # more often than chance, so a student can learn it
     z, y = torch.randn(100, 3, 32, 32, generator=g), torch.arange(100) % 10
     rule = (toy.noise_rule_modes(z, y) == toy.modes_of(toy.teacher_sample(z, y), y)).float().mean()
-    assert rule > 4 * toy.mode_chance()
+    assert rule > toy.mode_chance() + 0.25
 
 
 def test_toy_best_scale_is_chosen_on_the_selection_samples(cache):
