@@ -4,11 +4,12 @@
 # each design and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
 #   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 32, two at a time, then the
-#                             # timing: ~2.5-3 h on 2 CPU cores (one run on one core: ~15 min at 0.42M, ~30 min
-#                             # at 2.2M, ~50 min at 5M)
-#   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs, ~6.5 h more
+#                             # timing: ~4 h on 2 CPU cores (one run alone on both: 11.5 min at 0.42M, 39.5 min
+#                             # at 5M), 6 min on one H200 with JOBS=5 BENCH_DEVICE=cuda
+#   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs
 #   WITH_5M=0 bash study.sh   # without the 5M designs
-#   STEPS=4000 BATCH=128 JOBS=8 OUT=runs/study_gpu RESULTS=results/toy_gpu bash study.sh --toy-pairs 100000
+#   STEPS=4000 BATCH=128 JOBS=3 BENCH_DEVICE=cuda OUT=runs/study_long RESULTS=results/toy_long bash study.sh
+#                             # longer training (a GPU's: one run 3.5-5.5 min on an H200)
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
 # from its checkpoint. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP
