@@ -43,7 +43,7 @@ from common import (UsageError, atomic_write, check_number, compile_problem, dow
 # Flags. None means "resolved by --data": the paper's value for real pairs, a laptop-sized one for toy.
 
 PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, warmup=0, grad_clip=0.0, log_every=100)
-TOY = dict(loss="toy-lpips", batch=32, steps=1000, lr=2e-3, warmup=100, grad_clip=1.0, log_every=50, eval_every=500)
+TOY = dict(loss="toy-lpips", batch=32, steps=800, lr=2e-3, warmup=100, grad_clip=1.0, log_every=50, eval_every=400)
 
 
 def get_parser(method=None):
@@ -70,7 +70,7 @@ def get_parser(method=None):
                    "the paper; toy: 1)")
     g.add_argument("--batch", type=int, help="global batch, split over processes (real: 256; toy: 32)")
     g.add_argument("--epochs", type=float, help="passes over the training pairs (real: 100)")
-    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 1000)")
+    g.add_argument("--steps", type=int, help="optimiser steps; overrides --epochs (toy: 800)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(ema, (1+n)/(10+n))")
     g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
     g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of init, data order, label dropout")
