@@ -2,7 +2,7 @@
 One-step distillation of a class-conditional DiT student from teacher noise-image pairs (paper,
 appendix B.1 and C: the GET setup): minimise loss(x, G(z, y)) over the teacher's pairs (z, y, x).
 
-    python distill.py --d 5 --w 64 --h 8                    # quick start: built-in toy teacher, CPU, ~11 min
+    python distill.py --d 5 --w 64 --h 8                    # quick start: built-in toy teacher, CPU, ~8-9 min
     python distill.py --params 5M --data PATH/EDM-Cond-CIFAR  # paper: (7,192,12), LPIPS, 100 epochs
     torchrun --nproc_per_node 4 distill.py --params 5M --data PATH   # DDP; the global batch stays 256
     python distill.py ... --resume                          # continue from OUT/ckpt.pt exactly
