@@ -3,12 +3,14 @@
 # every design distilled with one recipe (same steps, batch, lr schedule, loss and seed), then bench.py times
 # each design and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
-#   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 32, two at a time, then the
-#                             # timing: ~4 h on 2 CPU cores (one run alone on both: 11.5 min at 0.42M, 39.5 min
-#                             # at 5M), 6 min on one H200 with JOBS=5 BENCH_DEVICE=cuda
+#   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 128, two at a time, then the
+#                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; an estimated 15 h on 2
+#                             # CPU cores (4x the batch-32 recipe's time)
+#   BATCH=32 bash study.sh    # the CPU recipe: ~4 h on 2 CPU cores (one run alone on both: 11.5 min at 0.42M,
+#                             # 39.5 min at 5M); same order of sizes, but 5M's toy FID is 0.6 of 0.42M's, not 0.3
 #   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs
 #   WITH_5M=0 bash study.sh   # without the 5M designs
-#   STEPS=4000 BATCH=128 JOBS=3 BENCH_DEVICE=cuda OUT=runs/study_long RESULTS=results/toy_long bash study.sh
+#   STEPS=4000 JOBS=3 BENCH_DEVICE=cuda OUT=runs/study_long RESULTS=results/toy_long bash study.sh
 #                             # longer training (a GPU's: one run 3.5-5.5 min on an H200)
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
@@ -21,7 +23,7 @@
 # run of the study finished in OUT at STEPS, so a later call with ONLY or ALL=1 adds its runs to the table.
 set -euo pipefail
 cd "$(dirname "$0")"
-STEPS=${STEPS:-1200} BATCH=${BATCH:-32} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
+STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
 JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} ALL=${ALL:-0} LOSS=${LOSS:-toy-lpips}
 OUT=${OUT:-runs/study} RESULTS=${RESULTS:-results/toy} ONLY=${ONLY:-}
 BENCH_DEVICE=${BENCH_DEVICE:-cpu} BENCH_MODES=${BENCH_MODES:-lut} BENCH_N=${BENCH_N:-256} PYTHON=${PYTHON:-python}
