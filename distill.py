@@ -44,6 +44,10 @@ from common import (UsageError, atomic_write, check_number, compile_problem, dow
 
 PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, warmup=0, grad_clip=0.0, log_every=100)
 TOY = dict(loss="toy-lpips", batch=32, steps=800, lr=2e-3, warmup=100, grad_clip=1.0, log_every=50, eval_every=400)
+# what defines a run besides its step count: --resume refuses a change to any of these (e.g. a batch-32 run
+# continued at batch 128 would be neither recipe)
+RECIPE_KEYS = ("depth", "width", "heads", "data", "toy_pairs", "toy_seed", "holdout", "loss", "lpips_net",
+               "lpips_size", "batch", "lr", "warmup", "grad_clip", "weight_decay", "ema", "label_dropout", "seed")
 
 
 def get_parser(method=None):
@@ -586,10 +590,10 @@ def train(args, method=None):
                                                               download=False)
     run = build_student(args, device, loss_fn, method, world, total_steps=total)
     step = 0
-    if state is not None:  # a resume must not change the run's settings
+    if state is not None:  # a resume must not change the run's recipe (--steps and --decay may grow)
         old = state["config"]
-        for k in ("depth", "width", "heads", "data", *(method.config_keys if method else ())):
-            if old.get(k) != getattr(args, k):
+        for k in RECIPE_KEYS + (method.config_keys if method else ()):
+            if k in old and old[k] != getattr(args, k):  # a key older checkpoints lack is not checked
                 raise UsageError(f"--resume: the checkpoint has {k}={old.get(k)}, this command "
                                  f"{k}={getattr(args, k)}; resume with the same settings, or choose another --out.")
         try:

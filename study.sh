@@ -14,7 +14,8 @@
 #                             # longer training (a GPU's: one run 3.5-5.5 min on an H200)
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
-# from its checkpoint. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP
+# from its checkpoint; runs in OUT trained with another recipe (batch, lr, warm-up, clip, seed) stop it with
+# a message. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP
 # (gradient-norm clip, 0: off), SEED, LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run
 # folders), RESULTS (JSONs, table, plot); JOBS (runs at once; each gets cores/JOBS torch threads unless
 # OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs
@@ -76,6 +77,37 @@ done
 for dir in "$OUT" "$RESULTS"; do
   mkdir -p "$dir" 2>/dev/null && [ -w "$dir" ] || die "cannot write to the folder $dir; set OUT / RESULTS to a writable folder."
 done
+# OUT's runs must share this study's recipe: one trained with another would be skipped as finished (its
+# scores not comparable) or continued under a recipe that is neither (distill.py --resume refuses that too).
+# The step count may differ: a shorter run continues to STEPS. Checked for every run folder, before any work.
+trained=()
+for r in "${CORE[@]}" "${REST[@]}"; do
+  read -r d w h loss seed <<<"$r"; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
+  [ -f "$OUT/$name/results.json" ] && trained+=("$OUT/$name/results.json" "${seed:-$SEED}")
+done
+if [ ${#trained[@]} -gt 0 ]; then
+  other=$("$PYTHON" - "$BATCH" "$LR" "$WARMUP" "$CLIP" "${trained[@]}" <<'EOF'
+import json, sys
+batch, lr, warmup, clip, files = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+other = []
+for path, seed in zip(files[::2], files[1::2]):
+    try:
+        run = json.load(open(path))
+    except (OSError, ValueError):
+        other.append(f"{path} (unreadable)"); continue
+    recipe = dict(batch=batch, lr=lr, warmup=warmup, grad_clip=clip, seed=int(seed))
+    diff = [f"{k} {run[k]}" for k, v in recipe.items() if k in run and run[k] != v]
+    if diff:
+        other.append(f"{path} ({', '.join(diff)})")
+if other:  # the first three, and how many more
+    print("; ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else ""))
+EOF
+  )
+  [ -z "$other" ] || die "runs in $OUT were trained with another recipe than this study's (batch $BATCH, lr $LR," \
+    "warm-up $WARMUP, clip $CLIP, seed $SEED): $other. Their scores" \
+    "would not compare with this recipe's. Set OUT and RESULTS to fresh folders for this recipe (e.g." \
+    "OUT=runs/study_b$BATCH RESULTS=results/toy_b$BATCH), or the settings those runs were trained with."
+fi
 # runs at once must not oversubscribe the cores: each gets its share of torch threads (the timing, its own)
 THREADS=${OMP_NUM_THREADS:-$(( $(nproc 2>/dev/null || echo "$JOBS") / JOBS ))}
 [ "$THREADS" -ge 1 ] 2>/dev/null || THREADS=1

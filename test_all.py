@@ -687,7 +687,7 @@ def test_distill_seed_varies_training_and_toy_seed_the_task(cache, tmp_path):
     assert (runs["s1"]["seed"], runs["s1"]["toy_seed"], runs["toy1"]["toy_seed"]) == (1, 0, 1)
 
 
-def test_distill_resume_is_exact(cache, tmp_path):
+def test_distill_resume_is_exact(cache, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     distill.main(train_args(cache, straight, "--steps", "20", "--eval-every", "10"))
     distill.main(train_args(cache, split, "--steps", "10", "--eval-every", "10"))
@@ -710,6 +710,12 @@ def test_distill_resume_is_exact(cache, tmp_path):
     with pytest.raises(SystemExit) as stop:  # fewer steps than it has: refused, not silently "done"
         distill.main(train_args(cache, straight, "--steps", "10", "--resume"))
     assert stop.value.code == 2
+    for flag, value in [("--batch", "8"), ("--lr", "1e-3")]:  # another recipe: refused, it would be neither
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            distill.main(train_args(cache, split, "--steps", "30", "--resume") + [flag, value])
+        assert stop.value.code == 2 and f"{flag[2:]}=" in capsys.readouterr().err, flag
+    assert torch.load(split / "ckpt.pt", weights_only=True)["step"] == 20  # untouched
 
 
 def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
@@ -1275,6 +1281,10 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 1, second.stdout[-2000:]
     assert "config:" not in second.stdout  # no distill.py run started
     assert "Runs (2): " in (tmp_path / "results" / "sweep.md").read_text()
+    env.update(BATCH="4", ONLY="")  # another recipe into the same OUT: refused before any work, not skipped
+    third = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
+    assert third.returncode == 2 and "another recipe" in third.stderr and "(batch 8)" in third.stderr, third.stderr
+    assert "config:" not in third.stdout and "skipped" not in third.stdout
 
 
 def test_bench_train_times_distills_own_step(tmp_path, monkeypatch):
