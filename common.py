@@ -97,8 +97,10 @@ def writable_file(path, flag):
 
 def atomic_write(path, write):
     """write(temp_path), then rename it over `path`: a reader, or a crash, never sees half a file, and the old
-    file stays whole until the new one is complete."""
-    tmp = path + ".tmp"
+    file stays whole until the new one is complete. The temp name holds the process id, so processes writing
+    the same file at once (runs started together, each building the shared toy cache) do not clobber each
+    other's temp file: each renames a whole file, and the last rename wins."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -1832,6 +1832,26 @@ def test_common_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
     assert json.loads(path.read_text()) == {"step": 2} and os.listdir(tmp_path) == ["results.json"]
 
 
+def test_common_two_processes_writing_one_file_at_once_both_succeed(tmp_path):
+    # runs started together each build the shared toy cache: their atomic writes of one path overlap in time
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    out.mkdir(), ready.mkdir()
+    path = out / "cache.txt"
+    writer = ("import os, sys, time, common\n"
+              "def write(tmp):\n"
+              "    open(tmp, 'w').write(sys.argv[2] * 1000)\n"
+              "    open(os.path.join(sys.argv[3], sys.argv[2]), 'w').close()\n"
+              "    for _ in range(600):  # both processes are inside their write before either renames\n"
+              "        if len(os.listdir(sys.argv[3])) == 2: break\n"
+              "        time.sleep(0.05)\n"
+              "common.atomic_write(sys.argv[1], write)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(path), text, str(ready)], cwd=HERE,
+                              stderr=subprocess.PIPE) for text in "ab"]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert path.read_text() in ("a" * 1000, "b" * 1000) and os.listdir(out) == ["cache.txt"]
+
+
 def test_study_sh_refuses_bad_settings(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("")
