@@ -4,8 +4,11 @@
 # each design and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
 #   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 128, two at a time, then the
-#                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; an estimated 14 h on 2
+#                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; an estimated 11-14 h on 2
 #                             # CPU cores (3-4x the batch-32 recipe's time)
+#   STEPS=600 bash study.sh   # the same runs' first half, at half the cost (~6 h on 2 CPU cores): the rate is
+#                             # constant after the warm-up, so a run to step 600 is step for step the first half of
+#                             # a run to 1,200, and the default command later continues it there
 #   BATCH=32 bash study.sh    # the CPU recipe: ~4 h on 2 CPU cores (one run alone on both: 11.5 min at 0.42M,
 #                             # 39.5 min at 5M); same order of sizes, but 5M's toy FID is 0.6 of 0.42M's, not 0.3
 #   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs
