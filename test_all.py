@@ -557,8 +557,12 @@ def test_data_get_conversion_is_reused_redone_when_the_source_changes_and_atomic
     monkeypatch.setattr(data, "read_get_file", real_read)
     with open(root / "dit-nano-arrays" / "source.json") as f:
         assert json.load(f)["pairs"] == 12  # the earlier, complete conversion
+    assert not list(root.glob("dit-nano-arrays.*tmp"))  # the interrupted one's temp folder is gone
+    # a killed conversion's temp folder is removed by the next; a live process's is left alone
+    dead, alive = root / "dit-nano-arrays.999999999.tmp", root / f"dit-nano-arrays.{os.getppid()}.tmp"
+    dead.mkdir(), alive.mkdir()
     train, held = data.load_pairs(str(root), heldout=2)  # converted again, whole
-    assert len(train) + len(held) == 8 and not os.path.exists(root / "dit-nano-arrays.tmp")
+    assert len(train) + len(held) == 8 and not dead.exists() and alive.exists()
 
 
 def test_data_get_read_only_folder_converts_into_the_cache(tmp_path, monkeypatch):
