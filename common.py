@@ -97,16 +97,54 @@ def writable_file(path, flag):
 
 def atomic_write(path, write):
     """write(temp_path), then rename it over `path`: a reader, or a crash, never sees half a file, and the old
-    file stays whole until the new one is complete. The temp name holds the process id, so processes writing
-    the same file at once (runs started together, each building the shared toy cache) do not clobber each
-    other's temp file: each renames a whole file, and the last rename wins."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    file stays whole until the new one is complete. The temp name holds the host and process id, so processes
+    writing the same path at once (runs started together, each building the shared toy cache) do not clobber
+    each other's temp: each renames a whole one, and the last rename wins. `write` may make a folder at the temp
+    path instead (GET's converted arrays): it replaces the old folder, and a process beaten to that rename keeps
+    the other's. A temp of this host's process that was killed mid-write is removed by the next write of `path`."""
+    prefix = f"{path}.{socket.gethostname()}."
+    remove_dead_temps(prefix)
+    tmp = f"{prefix}{os.getpid()}.tmp"
     try:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(path, ignore_errors=True)  # os.replace cannot replace a folder that holds files
+        try:
+            os.replace(tmp, path)
+        except OSError:  # a folder: another process renamed its whole one in between; else a real error
+            if not (os.path.isdir(tmp) and os.path.isdir(path)):
+                raise
+    finally:  # interrupted, or beaten to the rename: nothing left behind
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_dead_temps(prefix):
+    """atomic_write's temps PREFIX + PID.tmp whose process is gone. Only this host's are named by PREFIX: a pid
+    says nothing about a process on another machine sharing the folder."""
+    parent, name = os.path.split(prefix)
+    for entry in os.listdir(parent or "."):
+        pid = entry[len(name):-len(".tmp")]
+        if entry.startswith(name) and entry.endswith(".tmp") and pid.isdigit() and not pid_alive(int(pid)):
+            dead = os.path.join(parent, entry)
+            if os.path.isdir(dead):
+                shutil.rmtree(dead, ignore_errors=True)
+            else:
+                os.remove(dead)
+
+
+def pid_alive(pid):
+    if os.name == "nt":  # Windows' os.kill would end the process, not ask about it: keep its temp
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        pass
+    return True
 
 
 def write_json(path, record):

@@ -128,8 +128,8 @@ def arrays_folder(root):
 def convert_get(files, folder):
     """GET's files, one pair of files at a time, into two arrays in `folder`: pairs.npy float32 [N,2,3,32,32] (each
     pair's z and x side by side, so a pair is one contiguous read) and labels.npy int64 [N] (10: the null class of
-    unconditional pairs), then source.json. Written in a temp folder of this process renamed when complete, so an interrupted
-    conversion leaves nothing half-made. Images are stored as float32, what training reads."""
+    unconditional pairs), then source.json. Written in a temp folder renamed when complete (common.atomic_write),
+    so an interrupted conversion leaves nothing half-made. Images are stored as float32, what training reads."""
     counts, conditional = [], None
     for lat_path, img_path in files:  # check every file before writing gigabytes
         z, y, x = read_get_file(lat_path, img_path)
@@ -146,10 +146,9 @@ def convert_get(files, folder):
         raise UsageError(f"converting {total:,} pairs into contiguous arrays needs {need / 1e9:.1f} GB in {parent}, "
                          f"which has {free / 1e9:.1f} GB free; free some space, or point DIT_NANO_CACHE at a disk with "
                          f"room (used when the data folder is read-only).")
-    remove_dead_temp_folders(folder)
-    tmp = f"{folder}.{os.getpid()}.tmp"  # this process's own: runs started together each write a whole one
-    os.makedirs(tmp)
-    try:
+
+    def write_arrays(tmp):
+        os.makedirs(tmp)
         labels = np.empty(total, np.int64)
         t0, row = time.time(), 0
         with open(os.path.join(tmp, "pairs.npy"), "wb") as f:
@@ -166,35 +165,7 @@ def convert_get(files, folder):
         np.save(os.path.join(tmp, "labels.npy"), labels)
         with open(os.path.join(tmp, "source.json"), "w") as f:
             json.dump({"pairs": total, "conditional": conditional, "files": source_of(files)}, f)
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process renamed its conversion of the same files in between: keep that one
-            if not os.path.isfile(os.path.join(folder, "source.json")):
-                raise
-    finally:  # interrupted, or beaten to the rename: no gigabytes left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_dead_temp_folders(folder):
-    """Temp folders FOLDER.PID.tmp of conversions whose process is gone (killed before its cleanup ran)."""
-    parent, name = os.path.split(folder)
-    for entry in os.listdir(parent):
-        pid = entry[len(name) + 1:-len(".tmp")]
-        if entry.startswith(name + ".") and entry.endswith(".tmp") and pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def pid_alive(pid):
-    if os.name == "nt":  # Windows' os.kill would end the process, not ask about it: keep its folder
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by another user
-        pass
-    return True
+    common.atomic_write(folder, write_arrays)
 
 
 class ArrayPairs:

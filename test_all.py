@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -559,7 +560,8 @@ def test_data_get_conversion_is_reused_redone_when_the_source_changes_and_atomic
         assert json.load(f)["pairs"] == 12  # the earlier, complete conversion
     assert not list(root.glob("dit-nano-arrays.*tmp"))  # the interrupted one's temp folder is gone
     # a killed conversion's temp folder is removed by the next; a live process's is left alone
-    dead, alive = root / "dit-nano-arrays.999999999.tmp", root / f"dit-nano-arrays.{os.getppid()}.tmp"
+    temp = f"dit-nano-arrays.{socket.gethostname()}."
+    dead, alive = root / f"{temp}999999999.tmp", root / f"{temp}{os.getppid()}.tmp"
     dead.mkdir(), alive.mkdir()
     train, held = data.load_pairs(str(root), heldout=2)  # converted again, whole
     assert len(train) + len(held) == 8 and not dead.exists() and alive.exists()
@@ -1832,6 +1834,7 @@ def test_common_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         common.atomic_write(str(path), half_then_stop)
     assert path.read_text() == '{"step": 1}' and os.listdir(tmp_path) == ["results.json"]
+    (tmp_path / f"results.json.{socket.gethostname()}.999999999.tmp").write_text("{")  # a killed writer's
     common.write_json(str(path), {"step": 2})
     assert json.loads(path.read_text()) == {"step": 2} and os.listdir(tmp_path) == ["results.json"]
 
