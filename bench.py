@@ -35,6 +35,7 @@ from collections import namedtuple
 import torch
 import torch.nn as nn
 
+import common
 import dit
 import sample
 from common import (UsageError, check_number, compile_problem, exit_on_usage_error, hardware, pick_device,
@@ -487,9 +488,10 @@ def train_throughput(args, device, modes):
     for mode in modes:
         flags = ["--d", str(d), "--w", str(w), "--h", str(h), "--loss", args.loss, "--lpips-size",
                  str(args.lpips_size), "--lpips-backbone", "random", "--batch", str(args.batch), "--seed",
-                 str(args.seed), "--dtype", mode.split("+")[0]] + (["--compile"] if "+compile" in mode else [])
+                 str(args.seed), "--dtype", mode.split("+")[0], "--decay", "0"]  # every step at one rate
+        flags += ["--compile"] if "+compile" in mode else []
         train_args = distill.resolve(distill.get_parser().parse_args(flags))
-        run = distill.build_student(train_args, device, distill.build_loss(train_args, device))
+        run = distill.build_student(train_args, device, distill.build_loss(train_args, device)[0])
         run.model.train()
         step = itertools.count()  # the optimiser step number, which the EMA's warm-up reads
         t0 = time.perf_counter()
@@ -548,7 +550,7 @@ def loader_throughput(args):
           + (f"with a {args.step_ms:g} ms step between" if args.step_ms else "with no work in between (the worst case)")
           + f"; {hardware(torch.device('cpu'))}, torch {torch.__version__}")
     seconds, start = [], time.perf_counter()
-    batches = distill.prefetched(lambda s: distill.batch_of_step(train_set, s, flags), range(steps))
+    batches = common.prefetched(lambda s: distill.batch_of_step(train_set, s, flags), range(steps))
     for _ in range(steps):
         t = time.perf_counter()
         next(batches)

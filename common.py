@@ -17,10 +17,13 @@ import math
 import os
 import pickle
 import platform
+import queue
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -74,6 +77,23 @@ def positive_ints(args, *flags):
     """Each named integer flag of args (attribute names) must be >= 1 when given."""
     for name in flags:
         check_number(getattr(args, name), "--" + name.replace("_", "-"), low=1, integer=True)
+
+
+def parse_numbers(text, flag, kind, example, sep=","):
+    """A flag's list 'a,b,c' -> [kind(a), kind(b), kind(c)], or a UsageError naming the flag and an example."""
+    try:
+        return [kind(v) for v in text.split(sep)]
+    except ValueError:
+        raise UsageError(f"{flag} {text}: expected {kind.__name__}s separated by '{sep}', e.g. {flag} {example}.")
+
+
+def check_blocks(blocks, depth, flag, who="the student"):
+    """A flag's block numbers (1-based; ta.py, mi1.py) must increase and lie in 1..depth; raises UsageError."""
+    if any(not 1 <= b <= depth for b in blocks):
+        raise UsageError(f"{flag}: blocks {blocks} are not all among {who}'s blocks 1..{depth}.")
+    if any(b <= a for a, b in zip(blocks, blocks[1:])):
+        raise UsageError(f"{flag}: blocks {blocks} must be increasing (each of {who}'s blocks is mapped "
+                         f"at most once, in order).")
 
 
 def writable_dir(path, flag):
@@ -215,6 +235,26 @@ def download_file(url, path, sha256_prefix=None, md5=None):
         socket.setdefaulttimeout(old)
 
 
+def weights_file(path, flag, name, url, download=True, offline_hint=""):
+    """A pretrained network's weights file (LPIPS's trunks, the FID Inception): `path` when the user names one
+    (flag), else torch hub's cache (TORCH_HOME/hub/checkpoints/name), else downloaded there, checked against the
+    sha256 prefix in its name (name-PREFIX.pth). None when it is not cached and download is False; a UsageError
+    naming the file, the folder and the offline way (offline_hint) when it cannot be had."""
+    if path:
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file (expected {name}, {url}).")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if os.path.isfile(cached) or not download:
+        return cached if os.path.isfile(cached) else None
+    try:
+        download_file(url, cached, sha256_prefix=name.rsplit("-", 1)[-1].split(".")[0])
+    except OSError as e:
+        raise UsageError(f"{name} is needed, but it is not in the cache folder {os.path.dirname(cached)} and could not "
+                         f"be downloaded from {url} ({e}). Put the file there, or pass {flag} FILE{offline_hint}.")
+    return cached
+
+
 # ----------------------------------------------------------------------------------------------
 # Device
 
@@ -249,6 +289,53 @@ def hardware(device):
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
+
+
+def sigterm_as_interrupt():
+    """A scheduler's SIGTERM (a job's time limit, preemption, `timeout`) then raises KeyboardInterrupt, as Ctrl-C
+    does, so one handler saves the work of both. Only the main thread can set it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def prefetched(make, steps, depth=4, pin=False):
+    """make(step) for each step of `steps`, made by a background thread up to `depth` steps ahead (in pinned memory
+    when pin, so the copy to a GPU overlaps its work); the consumer only takes a finished item. An error in make()
+    is raised at that step, in the consumer. Close the generator (or let it end) to stop the thread: it is waited
+    for, as a thread still inside torch when the interpreter exits aborts the process."""
+    ready = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry):  # put, unless the consumer has gone: True when it was put
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for step in steps:
+                if not offer((tuple(t.pin_memory() for t in make(step)) if pin else make(step), None)):
+                    return
+        except Exception as e:  # raised in the consumer's thread, where it belongs
+            offer((None, e))
+
+    worker = threading.Thread(target=work, daemon=True, name="prefetch")
+    worker.start()
+    try:
+        for _ in steps:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def compile_problem(device):

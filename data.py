@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import common
+import sample
 import toy
 from common import UsageError, exit_on_usage_error, writable_dir
 
@@ -280,6 +281,27 @@ def load_pairs(spec, heldout=1000, **toy_kwargs):
         train, held = toy.load_pairs(common.CACHE_DIR, n_heldout=heldout, **toy_kwargs)
         return Pairs(**train), Pairs(**held)
     return load_get(os.path.expanduser(spec)).split(heldout)
+
+
+def load_for_training(args, master, world):
+    """distill.py's pairs -> (train, held-out); sets args.conditional and the guidance scale. Rank 0 first builds
+    the toy caches (the pairs, and the toy metric's and toy LPIPS's networks on first use) or converts GET's pairs;
+    the other ranks then read them."""
+    pairs = None
+    if master:
+        pairs = load_pairs(args.data, args.holdout, **toy_options(args))
+        if args.data == "toy":
+            toy.trained_nets(["metric", "classifier"] + ["perceptual"] * (args.loss == "toy-lpips"), common.CACHE_DIR)
+    if world > 1:
+        torch.distributed.barrier()
+        pairs = pairs or load_pairs(args.data, args.holdout, **toy_options(args))
+    train_set, held = pairs
+    # unconditional pairs train the null class only: such a model is sampled with it, without guidance
+    args.conditional = bool(getattr(train_set, "conditional", True))
+    _, args.cfg_scale = sample.guidance(vars(args), args.cfg_scale)
+    if len(train_set) < args.batch:
+        raise UsageError(f"--batch {args.batch} is larger than the {len(train_set)} training pairs.")
+    return train_set, held
 
 
 def class_means(pairs, max_pairs=20000):

@@ -50,9 +50,8 @@ import sample
 from common import (UsageError, check_number, download_file, exit_on_usage_error, file_digest, load_error,
                     pick_device, positive_ints, save_npz, writable_file, write_json)
 
-WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # 6726825d: its sha256 prefix, checked on download
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
-WEIGHTS_SHA256_PREFIX = "6726825d"  # what torch hub checks; part of the file name
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -232,36 +231,24 @@ class FIDInception(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Weights
 
-def cached_weights():
-    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)
-
-
 def inception_available(path=None):
     """(True, file) if the weights are at `path` or in the torch hub cache, else (False, why); never downloads."""
-    file = path or cached_weights()
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    file = path or os.path.join(hub, WEIGHTS_NAME)
     if os.path.isfile(file):
         return True, file
     return False, (f"no FID Inception weights at {file}. Download {WEIGHTS_URL} and pass --inception PATH (or put "
-                   f"it in {os.path.dirname(cached_weights())}/); online, fid.py downloads it there itself.")
+                   f"it in {hub}/); online, fid.py downloads it there itself.")
 
 
 def load_inception(path=None, device="cpu", download=True):
     """The FID Inception in eval mode on device, loaded strictly from pytorch-fid's weights file: `path`, else the
     torch hub cache, else downloaded there (sha256 prefix checked) if download. net.weights_id is the file's
     sha256 prefix (it keys the reference-statistics cache)."""
-    ok, file = inception_available(path)
-    if not ok and path:
-        raise UsageError(f"--inception {path}: no such file (expected pytorch-fid's {WEIGHTS_NAME}, {WEIGHTS_URL}).")
+    ok, why = inception_available(path)
     if not ok and not download:
-        raise UsageError(file)
-    if not ok:
-        file = cached_weights()
-        try:
-            download_file(WEIGHTS_URL, file, sha256_prefix=WEIGHTS_SHA256_PREFIX)
-        except OSError as e:
-            raise UsageError(f"FID needs pytorch-fid's Inception weights {WEIGHTS_NAME}, which are not in "
-                             f"{os.path.dirname(file)} and could not be downloaded from {WEIGHTS_URL} "
-                             f"({e}). Download the file elsewhere and pass --inception PATH.")
+        raise UsageError(why)
+    file = common.weights_file(path, "--inception", WEIGHTS_NAME, WEIGHTS_URL, download)
     net = FIDInception()
     try:
         net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))  # strict: pytorch-fid's keys
@@ -387,6 +374,24 @@ def fid_of_model(model, net, ref_mu, ref_sigma, n=PUBLISHED_N, cfg_scale=1.5, se
 
 # ----------------------------------------------------------------------------------------------
 # Inputs: .npz, PNG folder, CIFAR-10; reference statistics
+
+def training_setup(inception, ref, cifar, n, device, log):
+    """(Inception, reference mu, sigma) for FID during training when the weights and the reference are on disk
+    (nothing is downloaded mid-run); else None, said once and why."""
+    ok, why = inception_available(inception)
+    if not ok:
+        log(f"FID skipped: {why}")
+        return None
+    try:
+        net = load_inception(inception, device, download=False)
+        mu, sigma = reference_stats(ref, cifar, net, device, download=False)
+    except UsageError as e:
+        log(f"FID skipped: {e}")
+        return None
+    if n < PUBLISHED_N:
+        log(f"FID of {n:,} samples is not comparable with published 50k FIDs.")
+    return net, mu, sigma
+
 
 def load_npz_images(path):
     """sample.py's .npz (key 'images'), or an .npz holding one array -> uint8 [N,3,H,W]."""

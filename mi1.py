@@ -16,8 +16,9 @@ x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2), x(0) = x0. So t = 0 is the im
 80 z / sqrt(1 + 80^2). All other flags are distill.py's; checkpoints are distill.py's format (sample.py and fid.py
 read them).
 """
-import toy
+import common
 import distill
+import toy
 from common import UsageError, check_number
 
 
@@ -33,8 +34,8 @@ def trajectory_point(z, x0, t, sigma_min=toy.SIGMA_MIN):
 
 def parse_mapping(args):
     """--layers/--t -> [(layer, t)], checked against the student's depth; raises UsageError."""
-    layers = distill.Method.numbers(args.layers, "--layers", int, "3,6")
-    times = distill.Method.numbers(args.times, "--t", float, "0.5,0")
+    layers = common.parse_numbers(args.layers, "--layers", int, "3,6")
+    times = common.parse_numbers(args.times, "--t", float, "0.5,0")
     if len(layers) != len(times):
         raise UsageError(f"--layers has {len(layers)} entries but --t has {len(times)}: give one time "
                          f"per mapped layer.")
@@ -42,7 +43,7 @@ def parse_mapping(args):
         raise UsageError(f"--layers {args.layers}: the last mapped layer must be the final block "
                          f"{args.depth} of this {args.depth}-block student (it carries the plain "
                          f"target); use --d {layers[-1]} or end --layers with {args.depth}.")
-    distill.Method.check_blocks(layers, args.depth, "--layers")
+    common.check_blocks(layers, args.depth, "--layers")
     if any(not 0 <= t <= 1 for t in times):
         raise UsageError(f"--t {args.times}: every time must lie in [0, 1] (1: noise, 0: image).")
     if times[-1] != 0:

@@ -4,7 +4,6 @@ Samples from a DiT-Nano checkpoint (EMA weights): a class-by-sample PNG grid, or
     python sample.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt                # grid.png: 10 classes x 10 samples, CFG 1.5
     python sample.py --ckpt CKPT --npz samples.npz --n 50000             # uint8 images [N,32,32,3] + labels, for fid.py
     python sample.py --ckpt CKPT --cfg-scale 1 --per-class 16 --out g.png
-    python sample.py --ckpt A/ckpt.pt B/ckpt.pt --compare c.png      # the toy teacher above each model, same noise
 
 Noise comes from a seeded generator, labels are uniform (i % 10), so a command always gives the same images. A model
 trained on unconditional pairs (its checkpoint says so) is sampled with the null class and no guidance.
@@ -12,7 +11,6 @@ trained on unconditional pairs (its checkpoint says so) is sampled with the null
 import argparse
 import os
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -114,39 +112,11 @@ def save_grid(model, path, cfg_scale=PAPER_CFG, per_class=10, seed=0, device="cp
     model.train(was_training)
 
 
-@torch.no_grad()
-def save_comparison(models, path, cfg_scale=PAPER_CFG, per_class=2, seed=0, device="cpu"):
-    """One figure, written atomically: a row per model [(name, DiT)], the same noise and labels (per_class of each
-    class) in every row, headed by the toy teacher's own images for that noise."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import toy  # here, not at the top: toy.py imports fid.py, which imports this file
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(dit.NUM_CLASSES * per_class, 3, dit.IMG, dit.IMG, generator=g)
-    y = torch.arange(dit.NUM_CLASSES).repeat_interleave(per_class)
-    rows = [("toy teacher", toy.teacher_sample(z, y))]
-    rows += [(name, model.sample(z.to(device), y.to(device), cfg_scale).float().cpu()) for name, model in models]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(len(y) * 0.42, len(rows) * 0.5 + 0.2), squeeze=False)
-    for ax, (name, images) in zip(axes[:, 0], rows):
-        ax.imshow(np.concatenate(list(to_uint8(images).numpy()), axis=1), interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.subplots_adjust(left=0.12, right=0.995, top=0.995, bottom=0.005, hspace=0.06)
-    save = dict(dpi=100, format=image_format(path).lower(), bbox_inches="tight", pad_inches=0.03)  # whole labels
-    atomic_write(path, lambda tmp: fig.savefig(tmp, **save))
-    plt.close(fig)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--ckpt", required=True, nargs="+", help="checkpoint written by distill.py / ta.py / mi1.py "
-                   "(several with --compare)")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by distill.py / ta.py / mi1.py")
     p.add_argument("--out", default="grid.png", help="grid image path (.png)")
-    p.add_argument("--compare", help="instead of a grid, write a figure of the toy teacher's images above each "
-                   "--ckpt's samples for the same noise and labels (--per-class of each class; toy checkpoints)")
     p.add_argument("--per-class", type=int, default=10, help="grid columns (samples per class)")
     p.add_argument("--npz", help="instead of a grid, write N images and labels to this .npz")
     p.add_argument("--n", type=int, default=50000, help="images in the .npz")
@@ -161,32 +131,13 @@ def main(argv=None):
         positive_ints(args, "n", "per_class", "batch")
         check_number(args.cfg_scale, "--cfg-scale", low=0)
         check_number(args.seed, "--seed", low=0, integer=True)
-        if args.npz and args.compare:
-            raise UsageError("give --npz or --compare, not both.")
-        if len(args.ckpt) > 1 and not args.compare:
-            raise UsageError("several --ckpt are for --compare; a grid or an .npz samples one checkpoint.")
-        output, flag = (args.npz, "--npz") if args.npz else (args.compare, "--compare") if args.compare else \
-            (args.out, "--out")
+        output, flag = (args.npz, "--npz") if args.npz else (args.out, "--out")
         if not args.npz:
             image_format(output, flag)
         writable_file(output, flag)
         args.device = pick_device(args.device)
-        loaded = [load_model(path, args.device, args.weights) for path in args.ckpt]
-        if args.compare:
-            not_toy = [path for path, (_, cfg) in zip(args.ckpt, loaded) if cfg.get("data", "toy") != "toy"]
-            if not_toy:
-                raise UsageError(f"--compare draws the toy teacher beside the students, but {', '.join(not_toy)} "
-                                 f"learned from other pairs; compare toy checkpoints, or draw a grid of each.")
-        model, cfg = loaded[0]
+        model, cfg = load_model(args.ckpt, args.device, args.weights)
         conditional, cfg_scale = guidance(cfg, args.cfg_scale)
-    if args.compare:
-        names = ["%s (%d,%d,%d) seed %s, step %s" % (cfg.get("loss", ""), cfg["depth"], cfg["width"], cfg["heads"],
-                                                     cfg.get("seed", "?"), cfg["step"] or "?") for _, cfg in loaded]
-        save_comparison([(n, m) for n, (m, _) in zip(names, loaded)], args.compare, cfg_scale, args.per_class,
-                        args.seed, args.device)
-        print(f"wrote {args.compare}: the toy teacher, then {', '.join(names)}, {args.per_class} per class, CFG "
-              f"{cfg_scale:g}")
-        return
     kind = "class-conditional" if conditional else "unconditional (null class)"
     if args.npz:
         images, labels = generate(model, args.n, cfg_scale, args.seed, args.batch, args.device, True, conditional)

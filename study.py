@@ -20,6 +20,7 @@ import math
 import os
 import statistics
 
+import dit
 from common import UsageError, atomic_write, exit_on_usage_error, writable_dir, writable_file, write_json
 
 
@@ -30,6 +31,8 @@ def get_parser():
     p.add_argument("--results", nargs="+", help="results.json files or quoted globs (distill.py, fid.py)")
     p.add_argument("--sweep-out", default="sweep.md", help="the Markdown table to write")
     p.add_argument("--plot", default="tradeoff.png", help="Figure 4's three panels (.png, .pdf, .svg or .jpg)")
+    p.add_argument("--guidance-plot", help="also plot each design's toy FID against the guidance scale (.png), from "
+                   "the --results runs' records")
     p.add_argument("--runs-out", help="write each --results run's record plus its design's latency to this "
                    "folder as RUN.json (the folder name of its results.json)")
     return p
@@ -75,10 +78,10 @@ def load_results(patterns):
 
 METRICS = {  # what a run's results.json may hold -> (column label, where it is)
     "fid": ("FID (runs; lower is better)", lambda r: r.get("fid")),
-    "toy_fid_tuned": ("toy FID at its best CFG (runs; lower is better)",
-                      lambda r: r.get("ema", {}).get("toy_fid_tuned")),
-    "cfg_tuned": ("its best CFG (runs)", lambda r: r.get("ema", {}).get("cfg_tuned")),
-    "toy_fid": ("toy FID at the run's CFG (runs)", lambda r: r.get("ema", {}).get("toy_fid")),
+    "toy_fid_best": ("toy FID at its best CFG (runs; lower is better)",
+                     lambda r: r.get("ema", {}).get("toy_fid_best")),
+    "cfg_best": ("its best CFG (runs)", lambda r: r.get("ema", {}).get("cfg_best")),
+    "toy_fid": ("toy FID at CFG 1.5 (runs)", lambda r: r.get("ema", {}).get("toy_fid")),
     "toy_acc": ("toy class accuracy (runs)", lambda r: r.get("ema", {}).get("toy_acc")),
     "toy_mode": ("teacher's mode (runs)", lambda r: r.get("ema", {}).get("toy_mode")),
     "psnr": ("held-out PSNR dB (runs)", lambda r: r.get("ema", {}).get("psnr")),
@@ -87,15 +90,21 @@ METRICS = {  # what a run's results.json may hold -> (column label, where it is)
 FRACTIONS = ("toy_acc", "toy_mode")  # shown to 3 decimals, the others to 2
 
 
+def main_setup(records):
+    """The runs of the most common loss and method (a tie goes to the first run's, so the order of --results
+    decides): a design's point is never blurred by, say, Table 1's L1 run of it."""
+    setups = [(r.get("loss"), r.get("method")) for _, r in records]
+    common = max(setups, key=setups.count)
+    return [record for record, setup in zip(records, setups) if setup == common]
+
+
 def run_metrics(records):
     """Per design, each metric's runs -> {metric: {(d,w,h): [values]}}, over runs of the most common loss and
     method only, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
-    setups = [(r.get("loss"), r.get("method")) for _, r in records]
-    common = max(setups, key=setups.count)  # a tie goes to the first run's setup, so the order of --results decides
     out = {}
-    for (_, r), setup in zip(records, setups):
+    for _, r in main_setup(records):
         for name, (_, get) in METRICS.items():
-            if setup == common and get(r) is not None:
+            if get(r) is not None:
                 out.setdefault(name, {}).setdefault(tuple(r["design"]), []).append(get(r))
     return out
 
@@ -107,7 +116,7 @@ def quality_of(records, rows):
     if not records:
         return "FID (paper, Table 6)", {tuple(r["design"]): r["paper_fid"] for r in rows if r["paper_fid"]}
     values = run_metrics(records)
-    name = next(m for m in ("fid", "toy_fid_tuned", "toy_fid", "psnr") if m in values)
+    name = next(m for m in ("fid", "toy_fid_best", "toy_fid", "psnr") if m in values)
     return METRICS[name][0], {d: statistics.mean(v) for d, v in values[name].items()}
 
 
@@ -127,8 +136,9 @@ def training_setup(records):
 
 
 def write_run_records(records, rows, folder):
-    """The study's record of each run: its results.json plus the latency this sweep measured for its design
-    (the first mode), as FOLDER/<run folder name>.json."""
+    """The study's record of each run: its results.json, the latency this sweep measured for its design (the first
+    mode), and its training curve (each evaluation's EMA metrics, from metrics.jsonl beside the results.json when
+    there is one), as FOLDER/<run folder name>.json."""
     os.makedirs(folder, exist_ok=True)
     timed_rows = {}
     for row in rows:
@@ -139,7 +149,13 @@ def write_run_records(records, rows, folder):
         row = timed_rows[tuple(record["design"])]
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))
         latency_record = {k: row.get(k) for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"]}
-        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record})
+        curve_path = os.path.join(os.path.dirname(path), "metrics.jsonl")
+        curve = record.get("curve", [])
+        if os.path.isfile(curve_path):
+            with open(curve_path) as f:
+                curve = [{"step": e["step"], **e["ema"]} for e in map(json.loads, f)]
+        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record,
+                                                        "curve": curve})
 
 
 def family(depth, width):
@@ -211,6 +227,33 @@ def plot_tradeoff(rows, quality_label, quality, path):
     plt.close(fig)
 
 
+def plot_guidance(records, path):
+    """Each design's toy FID against the guidance scale (the mean over its runs of every scale they recorded), the
+    paper's 1.5 marked and each run's best scale (chosen on other noise) as a dot. One PNG, Agg."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by_design = {}
+    for _, r in main_setup(records):
+        if r.get("ema", {}).get("toy_fid_by_cfg"):
+            by_design.setdefault(tuple(r["design"]), []).append(r["ema"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (d, w, h), runs in sorted(by_design.items(), key=lambda kv: dit.param_count(*kv[0][:2])):
+        scales = sorted(float(s) for s in runs[0]["toy_fid_by_cfg"])
+        mean = [statistics.mean(e["toy_fid_by_cfg"][f"{s:g}"] for e in runs) for s in scales]
+        line, = ax.plot(scales, mean, marker=".", label=f"({d},{w},{h}) {dit.param_count(d, w) / 1e6:.2f}M, "
+                                                        f"{len(runs)} run{'s' * (len(runs) > 1)}")
+        ax.scatter([e["cfg_best"] for e in runs], [e["toy_fid_best"] for e in runs], color=line.get_color(), s=18)
+    ax.axvline(1.5, color="grey", lw=0.8, ls="--", label="the paper's scale, 1.5")
+    ax.set(xlabel="guidance scale", ylabel="toy FID (held-out; lower is better)", yscale="log",
+           title="toy FID against guidance (dots: each run's best scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format=os.path.splitext(path)[1][1:].lower()))
+    plt.close(fig)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     with exit_on_usage_error():
@@ -220,6 +263,8 @@ def main(argv=None):
             raise UsageError("--runs-out writes the --results runs with their latency: give --results too.")
         writable_file(args.sweep_out, "--sweep-out")
         writable_file(args.plot, "--plot")
+        if args.guidance_plot:
+            writable_file(args.guidance_plot, "--guidance-plot")
         if args.runs_out:
             writable_dir(args.runs_out, "--runs-out")
         rows = load_timings(args.timings)
@@ -243,6 +288,9 @@ def main(argv=None):
     atomic_write(args.sweep_out, write_table)
     plot_tradeoff([r for r in rows if r["mode"] == first["mode"]], quality_label, quality, args.plot)  # one mode
     print(f"{table}\n\nwrote {args.sweep_out} and {args.plot}")
+    if args.guidance_plot:
+        plot_guidance(records, args.guidance_plot)
+        print(f"wrote {args.guidance_plot}")
     if args.runs_out:
         write_run_records(records, rows, args.runs_out)
         print(f"wrote {len(records)} run records (results + latency) to {args.runs_out}/")

@@ -4,36 +4,37 @@
 # each design and study.py writes one JSON per run (results + CPU latency), the sweep table and the Figure 4 plot.
 #
 #   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 128, two at a time, then the
-#                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; an estimated 11-14 h on 2
-#                             # CPU cores (3-4x the batch-32 recipe's time)
-#   STEPS=600 bash study.sh   # the same runs' first half, at half the cost (~6 h on 2 CPU cores): the rate is
-#                             # constant after the warm-up, so a run to step 600 is step for step the first half of
-#                             # a run to 1,200, and the default command later continues it there
-#   BATCH=32 bash study.sh    # the CPU recipe: ~4 h on 2 CPU cores (one run alone on both: 11.5 min at 0.42M,
-#                             # 39.5 min at 5M); same order of sizes, but 5M's toy FID is 0.6 of 0.42M's, not 0.3
+#                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; 12-13 h on 2 CPU cores
+#   STEPS=600 bash study.sh   # the same runs' first half: the rate is constant after the warm-up, so a run to
+#                             # step 600 is step for step the first half of a run to 1,200, which the default
+#                             # command later continues
+#   BATCH=32 bash study.sh    # a cheaper recipe (about a quarter of the time); its records are not the headline's
 #   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs
 #   WITH_5M=0 bash study.sh   # without the 5M designs
-#   STEPS=4000 JOBS=3 BENCH_DEVICE=cuda OUT=runs/study_long RESULTS=results/toy_long bash study.sh
+#   STEPS=4000 JOBS=3 BENCH_DEVICE=cuda OUT=runs/study_long RESULTS=results/long bash study.sh
 #                             # longer training (a GPU's: one run 3.5-5.5 min on an H200)
 #
-# Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes
-# from its checkpoint; runs in OUT trained with another recipe (batch, lr, warm-up, clip, seed) stop it with
-# a message. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP
-# (gradient-norm clip, 0: off), SEED, LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run
-# folders), RESULTS (JSONs, table, plot); JOBS (runs at once; each gets cores/JOBS torch threads unless
-# OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs
-# a subset (any of the runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default
-# python). Extra arguments go to every distill.py run. The report (timing, records, table, plot) covers every
-# run of the study finished in OUT at STEPS, so a later call with ONLY or ALL=1 adds its runs to the table.
+# Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes from
+# its last checkpoint (every EVERY steps, and at the interrupt); runs in OUT trained with another recipe (batch,
+# lr, warm-up, clip, seed) stop it with a message. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-
+# rate warm-up steps), CLIP (gradient-norm clip, 0: off), SEED, EVERY (steps between evaluations and
+# checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run folders),
+# RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads unless OMP_NUM_THREADS
+# is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs a subset (any of the
+# runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default python). Extra arguments
+# go to every distill.py run. The rate is constant after the warm-up (--decay 0, whatever distill.py's toy
+# default). The report (timing, records, table, plots) covers every run of the study finished in OUT at STEPS,
+# so a later call with ONLY or ALL=1 adds its runs to the table.
 set -euo pipefail
 cd "$(dirname "$0")"
 STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
+EVERY=${EVERY:-200}
 JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} ALL=${ALL:-0} LOSS=${LOSS:-toy-lpips}
 OUT=${OUT:-runs/study} RESULTS=${RESULTS:-results/toy} ONLY=${ONLY:-}
 BENCH_DEVICE=${BENCH_DEVICE:-cpu} BENCH_MODES=${BENCH_MODES:-lut} BENCH_N=${BENCH_N:-256} PYTHON=${PYTHON:-python}
 
 die() { echo "error: $*" >&2; exit 2; }  # bad settings: one message, exit code 2, before any work
-for var in STEPS BATCH JOBS BENCH_N; do
+for var in STEPS BATCH JOBS BENCH_N EVERY; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer (e.g. $var=300)."
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP=$WARMUP must be an integer >= 0 (steps of learning-rate warm-up; 0: none)."
@@ -127,8 +128,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
   mkdir -p "$out"
   local cmd=(env OMP_NUM_THREADS="${RUN_THREADS:-$THREADS}" "$PYTHON" distill.py --d "$d" --w "$w" --h "$h"
              --loss "$loss" --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --grad-clip "$CLIP"
-             --seed "${seed:-$SEED}"
-             --eval-every $(( STEPS / 2 > 0 ? STEPS / 2 : 1 )) --out "$out" "${resume[@]}" "$@")
+             --decay 0 --seed "${seed:-$SEED}" --eval-every "$EVERY" --out "$out" "${resume[@]}" "$@")
   if [ "$JOBS" = 1 ]; then
     "${cmd[@]}" 2>&1 | tee -a "$out/log.txt"
   else  # runs at once would interleave their lines: each keeps its own log, one line when it ends
@@ -138,7 +138,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
 }
 export -f run_name wanted finished run_one
 TOTAL=${#RUNS[@]}
-export STEPS BATCH LR WARMUP CLIP SEED JOBS OUT ONLY TOTAL PYTHON THREADS
+export STEPS BATCH LR WARMUP CLIP SEED EVERY JOBS OUT ONLY TOTAL PYTHON THREADS
 
 start=$(date +%s)
 specs=(); for i in "${!RUNS[@]}"; do specs+=("$((i + 1)) ${RUNS[i]}"); done
@@ -157,5 +157,6 @@ mkdir -p "$RESULTS"
 "$PYTHON" bench.py --sweep --device "$BENCH_DEVICE" --modes "$BENCH_MODES" --n "$BENCH_N" --repeats 3 --warmup 1 \
   --designs $(printf '%s\n' "${designs[@]}" | awk '!seen[$0]++') --json "$OUT/timings.json"
 "$PYTHON" study.py --timings "$OUT/timings.json" --results "${results[@]}" \
-  --sweep-out "$RESULTS/sweep.md" --plot "$RESULTS/tradeoff.png" --runs-out "$RESULTS"
+  --sweep-out "$RESULTS/sweep.md" --plot "$RESULTS/tradeoff.png" --guidance-plot "$RESULTS/guidance.png" \
+  --runs-out "$RESULTS"
 echo "study: done in $(( ($(date +%s) - start) / 60 )) min; results in $RESULTS/"

@@ -21,6 +21,7 @@ weights and the student's loss (--loss). Checkpoints are distill.py's format (sa
 import torch
 import torch.nn as nn
 
+import common
 import distill
 import sample
 from common import UsageError, check_number
@@ -30,11 +31,11 @@ def parse_feature_layers(text, student_depth, ta_depth):
     """'penultimate' or 's:t,...' -> [(student block, TA block)], increasing in both; raises UsageError."""
     if text == "penultimate":
         text = f"{student_depth - 1}:{ta_depth - 1}"
-    pairs = [distill.Method.numbers(pair, "--feature-layers", int, "2:4,4:11", ":") for pair in text.split(",")]
+    pairs = [common.parse_numbers(pair, "--feature-layers", int, "2:4,4:11", ":") for pair in text.split(",")]
     if any(len(pair) != 2 for pair in pairs):
         raise UsageError(f"--feature-layers {text}: expected student:TA block pairs such as 2:4,4:11.")
-    distill.Method.check_blocks([s for s, _ in pairs], student_depth, "--feature-layers")
-    distill.Method.check_blocks([t for _, t in pairs], ta_depth, "--feature-layers", "the TA")
+    common.check_blocks([s for s, _ in pairs], student_depth, "--feature-layers")
+    common.check_blocks([t for _, t in pairs], ta_depth, "--feature-layers", "the TA")
     return [tuple(pair) for pair in pairs]
 
 

@@ -32,12 +32,14 @@ from pytorch_fid import inception as pytorch_fid_inception
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import assignments
 import bench
 import common
 import data
 import dit
 import distill
 import fid
+import measure
 import mi1
 import sample
 import study
@@ -46,8 +48,8 @@ import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--d", "2", "--w", "32", "--h", "4"]  # 32k-parameter student for fast loops
-REAL_TUNE_SCALES = toy.TUNE_SCALES  # read before the cache fixture shortens it to TEST_TUNE_SCALES
-TEST_TUNE_SCALES = (1.0, 1.25, 1.5, 2.0)
+REAL_SCALES = toy.SCALES  # read before the cache fixture shortens it to TEST_SCALES
+TEST_SCALES = (1.0, 1.2, 1.5, 2.0)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,7 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(common, "CACHE_DIR", d)
         mp.setenv("DIT_NANO_CACHE", d)  # for subprocesses; they and the tests score with the shipped toy networks
-        mp.setattr(toy, "TUNE_SCALES", TEST_TUNE_SCALES)  # the tuned score's grid, shortened
+        mp.setattr(toy, "SCALES", TEST_SCALES)  # the protocol's grid of guidance scales, shortened
         yield d
 
 
@@ -252,6 +254,141 @@ def test_dit_bad_shapes_raise_clear_errors(d, w, h, phrase):
 
 
 # ----------------------------------------------------------------------------------------------
+# Course assignments (ASSIGNMENTS.md): each test names what it checks, and its message names the likely slip
+
+def random_modulation(module, seed=0):
+    """Give a module's zero-initialised adaLN and output layers random values, so that their use shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_a1_modulate_shifts_and_scales_by_one_plus_scale():
+    x, shift, scale = torch.randn(2, 5, 4), torch.randn(2, 4), torch.randn(2, 4)
+    expected = x * (1 + scale[:, None, :]) + shift[:, None, :]
+    got = dit.modulate(x, shift, scale)
+    assert got.shape == x.shape, f"modulate must keep the tokens' shape {tuple(x.shape)}, got {tuple(got.shape)}"
+    assert not torch.allclose(got, x * scale[:, None] + shift[:, None]), \
+        "modulate multiplies by scale alone: adaLN scales by (1 + scale), so that a zero scale leaves x unchanged"
+    assert not torch.allclose(got, x * (1 + shift[:, None]) + scale[:, None]), "modulate swaps shift and scale"
+    assert torch.allclose(got, expected, atol=1e-6), \
+        "modulate(x, shift, scale) must be x * (1 + scale) + shift, shift and scale broadcast over the tokens"
+
+
+def block_by_hand(block, x, c):
+    """DiT's block written out: chunk order shift, scale, gate of attention, then of the MLP; pre-norm; gated
+    residuals."""
+    s1, sc1, g1, s2, sc2, g2 = block.adaLN_modulation(c).chunk(6, dim=1)
+    h = block.norm1(x) * (1 + sc1[:, None]) + s1[:, None]
+    x = x + g1[:, None] * block.attn(h)
+    h = block.norm2(x) * (1 + sc2[:, None]) + s2[:, None]
+    return x + g2[:, None] * block.mlp(h)
+
+
+def test_a1_block_applies_gated_residuals_in_ditS_order():
+    torch.manual_seed(0)
+    block = random_modulation(dit.Block(16, 4))
+    x, c = torch.randn(2, 256, 16), torch.randn(2, 16)
+    got = block(x, c)
+    assert got.shape == x.shape, f"a block maps tokens [B,T,w] to [B,T,w], got {tuple(got.shape)}"
+    assert torch.allclose(got, block_by_hand(block, x, c), atol=1e-5), (
+        "Block.forward differs from DiT's: x + gate1 * attn(modulate(norm1(x), shift1, scale1)), then "
+        "x + gate2 * mlp(modulate(norm2(x), shift2, scale2)), with adaLN_modulation(c).chunk(6) in the order shift1, "
+        "scale1, gate1, shift2, scale2, gate2 (check the order, the gates, norm1 before attention and norm2 before "
+        "the MLP, and that each sub-layer is added to its input)")
+
+
+def test_a1_zero_init_makes_every_block_the_identity_and_the_output_zero():
+    torch.manual_seed(0)
+    model = dit.DiT(2, 32, 4)
+    for i, block in enumerate(model.blocks):
+        last = block.adaLN_modulation[-1]
+        assert not last.weight.any() and not last.bias.any(), \
+            f"block {i}'s adaLN_modulation output layer must start at zero (adaLN-Zero: every gate starts at 0)"
+        x = torch.randn(2, 256, 32)
+        assert torch.equal(block(x, torch.randn(2, 32)), x), f"block {i} must start as the identity"
+    head = model.final_layer
+    assert not head.linear.weight.any() and not head.adaLN_modulation[-1].weight.any(), \
+        "the final layer's linear and adaLN layers must start at zero, so the untrained model outputs zeros"
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.weight.abs().max() <= math.sqrt(6 / (qkv.in_features + qkv.out_features)) + 1e-6 and qkv.weight.any(), \
+        "the other linear layers start Xavier-uniform (not zero: then nothing would learn), with zero biases"
+    assert not qkv.bias.any(), "linear biases start at zero"
+    assert torch.allclose(model.pos_embed[0], torch.from_numpy(dit.sincos_2d(32, 16))), \
+        "pos_embed must hold the fixed 2-D sin-cos table (dit.sincos_2d)"
+    assert model.y_embedder.weight.std() < 0.05 and model.y_embedder.weight.any(), \
+        "the label embedding starts N(0, 0.02), not zero (else every class looks the same)"
+
+
+def test_a2_attention_matches_per_head_softmax_attention():
+    torch.manual_seed(0)
+    width, heads = 32, 4
+    attn, x = dit.Attention(width, heads), torch.randn(2, 256, width)
+    e = width // heads
+    q, k, v = attn.qkv(x).split(width, dim=-1)  # [B,T,w] each; head h owns columns h*e:(h+1)*e
+    outs = []
+    for h in range(heads):
+        cols = slice(h * e, (h + 1) * e)
+        weights = torch.softmax(q[..., cols] @ k[..., cols].transpose(1, 2) / math.sqrt(e), dim=-1)  # [B,T,T]
+        outs.append(weights @ v[..., cols])
+    expected = attn.proj(torch.cat(outs, dim=-1))
+    got = attn(x)
+    assert got.shape == x.shape, f"attention maps [B,T,w] to [B,T,w], got {tuple(got.shape)}"
+    heads_cols = [slice(h * e, (h + 1) * e) for h in range(heads)]
+    wrong_scale = torch.cat([torch.softmax(q[..., c] @ k[..., c].transpose(1, 2) / math.sqrt(width), -1) @ v[..., c]
+                             for c in heads_cols], -1)
+    assert not torch.allclose(got, attn.proj(wrong_scale), atol=1e-4), \
+        "the scores are divided by sqrt(width): divide by sqrt(head width) = sqrt(width / heads)"
+    assert torch.allclose(got, expected, atol=1e-4), (
+        "Attention.forward differs from per-head softmax(q k^T / sqrt(e)) v: qkv(x) is [q | k | v] along the last "
+        "axis, head h owns columns h*e:(h+1)*e of each, the heads' outputs are concatenated in order and then "
+        "projected by proj (check the split of qkv, the order of heads, the transpose back, and the projection)")
+
+
+def test_a4_rule_heads_is_the_lower_median_factor():
+    def by_definition(w):
+        factors = [f for f in range(1, w + 1) if w % f == 0]
+        return factors[(len(factors) - 1) // 2]  # odd count: the median; even: the lower of the two middle ones
+    for w in (12, 24, 32, 48, 64, 96, 128, 192, 256, 384, 768):
+        got = dit.rule_heads(w)
+        upper = sorted(f for f in range(1, w + 1) if w % f == 0)[len([f for f in range(1, w + 1) if w % f == 0]) // 2]
+        assert got == by_definition(w), (
+            f"rule_heads({w}) = {got}, expected {by_definition(w)}: min(median(factors(w))) takes the lower middle "
+            f"factor when there are two" + (f" (you took the upper one, {upper})" if got == upper else ""))
+
+
+def test_a5_guided_extrapolates_from_the_unconditional_half():
+    cond, uncond = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    assert torch.allclose(dit.guided((cond, uncond), 1.0), cond, atol=1e-6), \
+        "guidance scale 1 must give the conditional prediction itself"
+    assert torch.allclose(dit.guided((cond, uncond), 0.0), uncond, atol=1e-6), \
+        "guidance scale 0 must give the unconditional prediction: the halves are (conditional, unconditional)"
+    assert torch.allclose(dit.guided((cond, uncond), 1.5), uncond + 1.5 * (cond - uncond), atol=1e-5), \
+        "guided must be x_u + s (x_c - x_u): extrapolate from the unconditional half towards the conditional one"
+
+
+def test_a6_learning_rate_warms_up_holds_and_decays():
+    rates = [distill.learning_rate(s, 1.0, 4, 0, 10) for s in range(10)]
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]), \
+        f"warm-up: step s (0-based) of 4 warm-up steps has rate lr * (s + 1) / 4, got {rates[:4]}"
+    assert rates[4:] == pytest.approx([1.0] * 6), f"after the warm-up the rate is constant, got {rates[4:]}"
+    decayed = [distill.learning_rate(s, 2.0, 0, 4, 10) for s in range(10)]
+    assert decayed == pytest.approx([2, 2, 2, 2, 2, 2, 2, 1.5, 1, 0.5]), \
+        f"decay over the last 4 of 10 steps: lr (total - step) / decay, reaching lr / 4 at the last step; got {decayed}"
+
+
+def test_a8_psnr_of_images_on_minus_one_to_one():
+    assert data.psnr(4.0) == pytest.approx(0.0), \
+        "images lie on [-1, 1], a peak-to-peak range of 2: PSNR = 10 log10(2^2 / MSE), 0 dB at MSE 4 (not a peak of 1)"
+    assert data.psnr(0.04) == pytest.approx(20.0), "PSNR is 10 log10(4 / MSE) in dB (base 10): 20 dB at MSE 0.04"
+    assert data.psnr(0.0) > 100, "a perfect match (MSE 0) must give a large finite PSNR, not an error"
+
+
+
+# ----------------------------------------------------------------------------------------------
 # toy.py: the family, its exact teacher, the toy metrics
 
 def brute_force_denoiser(x, sigma, m, mean=toy.COLOUR_MEAN, std=toy.COLOUR_STD):
@@ -341,30 +478,43 @@ def test_toy_pairs_are_cached_and_deterministic(tmp_path):
     assert not torch.equal(a_train["z"], c_train["z"]) and len(glob.glob(str(tmp_path / "toy_*.pt"))) == 2
 
 
-def test_toy_metric_behaves_like_fid(tmp_path):
-    """On the shipped metric network: exact draws of the family score near 0 against other draws, class-mean
-    and blurred images far worse; the accuracy counts the labels the images were meant to have."""
-    net = toy.trained_net("metric", str(tmp_path))
+def test_toy_metric_ranks_sets_as_fid_would(tmp_path):
+    """On the shipped networks: exact draws of the family score near 0 against other draws, a mild blur of them a
+    little more, one mean image per class far more, one shape for every label most; the class accuracy counts the
+    labels the images were meant to have."""
+    nets = toy.trained_nets(["metric", "classifier"], str(tmp_path))
+    net, classifier = nets["metric"], nets["classifier"]
     g = torch.Generator().manual_seed(1)
     ref_x, ref_y = toy.draw(1500, g)
     reference = toy.statistics(toy.features_and_logits(net, ref_x)[0])
     x, y = toy.draw(500, g)
-    same = toy.toy_fid(net, ref_x, ref_y, reference)
-    draws = toy.toy_fid(net, x, y, reference)
     means = torch.stack([ref_x[ref_y == c].mean(0) for c in range(10)])
-    class_means = toy.toy_fid(net, means[y], y, reference)
-    blurred = toy.toy_fid(net, torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False),
-                          y, reference)
-    assert abs(same["toy_fid"]) < 1e-6  # a set against its own statistics
-    assert draws["toy_fid"] < 0.1 * min(class_means["toy_fid"], blurred["toy_fid"])
-    assert toy.toy_fid(net, x, (y + 1) % 10, reference)["toy_acc"] < 0.5 * draws["toy_acc"]
-    assert toy.toy_fid(net, x, y, reference)["toy_fid"] == draws["toy_fid"]  # deterministic
+    fid_of = {"itself": toy.toy_fid(net, ref_x, reference), "draws": toy.toy_fid(net, x, reference),
+              "blur 1 px": toy.toy_fid(net, toy.soften(x, torch.ones(500)), reference),
+              "class means": toy.toy_fid(net, means[y], reference),
+              "discs": toy.toy_fid(net, toy.draw(500, g, torch.zeros_like(y))[0], reference)}
+    assert abs(fid_of["itself"]) < 1e-6, "a set against its own statistics must score 0"
+    order = ["draws", "blur 1 px", "class means", "discs"]
+    assert all(fid_of[a] < fid_of[b] for a, b in zip(order, order[1:])), f"expected {' < '.join(order)}: {fid_of}"
+    assert fid_of["blur 1 px"] < 0.5 * fid_of["class means"], f"a blur must score far better than class means: {fid_of}"
+    assert toy.toy_fid(net, x, reference) == fid_of["draws"]  # deterministic
+    assert toy.class_accuracy(classifier, x, y) > 0.95 > 2 * toy.class_accuracy(classifier, x, (y + 1) % 10)
     # it sees how shapes' positions are distributed (all large and centred: far worse), not which draw has which
     # position (fresh colours at each image's own position and size: as good as the draws)
     again = toy.at_their_positions(x, y)
     assert torch.equal(toy.modes_of(again, y), toy.modes_of(x, y)) and not torch.equal(again, x)
     centred = toy.draw(500, g, y, torch.full((500,), toy.CENTRE_MODE))[0]
-    assert toy.toy_fid(net, again, y, reference)["toy_fid"] < 0.25 * toy.toy_fid(net, centred, y, reference)["toy_fid"]
+    assert toy.toy_fid(net, again, reference) < 0.25 * toy.toy_fid(net, centred, reference)
+
+
+def test_toy_calibration_orders_the_teacher_a_blur_class_means_and_wrong_shapes(cache):
+    """python toy.py's calibration on 1,000 held-out teacher pairs: the teacher's images best, a mild blur of them
+    far ahead of the class means, one shape for every label worst; its last row says so."""
+    train, held = toy.make_pairs(2000, 5, desc="train"), toy.make_pairs(1000, 6, desc="held")
+    rows = dict(toy.calibration(toy.Scorer(train["x"], cache), train, held, repeats=2))
+    assert "the teacher's images, 3x3 box blur" in rows and "shapes of no class (ellipse, cross, frame, ...)" in rows
+    verdict = [name for name in rows if name.startswith("FID's order")][0]
+    assert verdict.endswith("holds"), {k: v.get("toy_fid") for k, v in rows.items()}
 
 
 def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers():
@@ -388,8 +538,8 @@ def test_toy_modes_of_names_each_images_mode_and_the_noise_predicts_the_teachers
 
 
 def test_toy_best_scale_is_chosen_on_the_selection_samples(cache):
-    """Halves built so that guidance at one scale gives exact images of the family (and others add noise):
-    best_scale finds that scale, and it is the selection samples' own, not the held-out ones'."""
+    """Halves built so that guidance at one scale gives exact images of the family (and others add noise): the toy
+    FID by scale is lowest there, and score_model's best scale is the selection samples' own, not the held-out's."""
     g = torch.Generator().manual_seed(3)
     scorer = toy.Scorer(toy.draw(500, g)[0], cache)
     x, y = toy.draw(200, g)
@@ -397,12 +547,21 @@ def test_toy_best_scale_is_chosen_on_the_selection_samples(cache):
     exact_at = {1.5: (x - d, x - 3 * d), 2.0: (x - d, x - 2 * d)}  # x_u + s (x_c - x_u) = x + (s(b - a) - b) d
     for scale, halves in exact_at.items():
         assert torch.allclose(dit.guided(halves, scale), x, atol=1e-5)
-        assert scorer.best_scale(halves, y, scales=(1.0, 1.5, 2.0)) == scale
+        fids = scorer.fids_by_scale(halves, y, scales=(1.0, 1.5, 2.0))
+        assert min(fids, key=fids.get) == scale, fids
+
+    class Fixed(torch.nn.Module):  # a "model" whose halves are exact at 2.0 for every noise
+        def guidance_halves(self, z, labels):
+            return exact_at[2.0][0][:len(z)], exact_at[2.0][1][:len(z)]
+    held = scorer.score_model(Fixed(), exact_at[1.5], y, x, 1.5, "cpu")  # held-out halves exact at 1.5
+    assert held["cfg_best"] == 2.0 and held["toy_fid_best"] == held["toy_fid_by_cfg"]["2"]
+    assert held["toy_fid_by_cfg"]["1.5"] < held["toy_fid_best"]  # chosen on the selection samples, not held-out
+    assert set(held["toy_fid_by_cfg"]) == set(held["selection_fid_by_cfg"]) == {f"{s:g}" for s in toy.SCALES}
     # the real grid (the fixture shortens it) runs from 1 and holds the paper's 1.5, 2.0 and the tests' scales
-    assert REAL_TUNE_SCALES[0] == 1 and set(TEST_TUNE_SCALES) <= set(REAL_TUNE_SCALES)
-    _, held = toy.load_pairs(cache, 256, 32)
-    assert not torch.equal(toy.selection_noise(32), held["z"]) and torch.equal(toy.selection_noise(4),
-                                                                               toy.selection_noise(4))
+    assert REAL_SCALES[0] == 1 and set(TEST_SCALES) <= set(REAL_SCALES)
+    _, held_pairs = toy.load_pairs(cache, 256, 32)
+    assert not torch.equal(toy.selection_noise(32), held_pairs["z"]) and torch.equal(toy.selection_noise(4),
+                                                                                     toy.selection_noise(4))
 
 
 def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsys):
@@ -424,29 +583,35 @@ def test_toy_py_scores_checkpoints_beside_the_calibration(cache, tmp_path, capsy
     assert 0 <= results["ema"]["toy_mode"] <= 1 and "toy_mode" in results["class_mean"]  # and every toy eval
     # every toy eval also scores the run at its best scale, chosen on other noise: toy.py finds the same scale,
     # and its toy FID at that scale is the eval's
-    best = results["ema"]["cfg_tuned"]
-    assert best in toy.TUNE_SCALES and f"run (step 2, its best CFG {best:g})" in out
+    best = results["ema"]["cfg_best"]
+    assert best in toy.SCALES and f"run (step 2, its best CFG {best:g})" in out
     toy.main(flags + ["--cfg-scale", str(best)])
     row = next(line for line in capsys.readouterr().out.splitlines() if f"run (step 2, CFG {best:g})" in line)
-    assert f"toy FID {results['ema']['toy_fid_tuned']:9.2f}" in row
+    assert f"toy FID {results['ema']['toy_fid_best']:9.2f}" in row
+    # every evaluation keeps the toy FID at every scale it tried, of both noises: another protocol needs no rerun
+    by_cfg, selection = results["ema"]["toy_fid_by_cfg"], results["ema"]["selection_fid_by_cfg"]
+    assert set(by_cfg) == set(selection) == {f"{s:g}" for s in toy.SCALES}
+    assert by_cfg[f"{best:g}"] == results["ema"]["toy_fid_best"] and min(selection, key=selection.get) == f"{best:g}"
+    assert by_cfg["1.5"] == pytest.approx(results["ema"]["toy_fid"])  # the run's own scale, the paper's 1.5
+    assert results["ema"]["toy_protocol"] == toy.PROTOCOL  # each record names its protocol
 
 
 def test_toy_networks_are_trained_once_deterministically_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "NET_STEPS", 3)
+    monkeypatch.setattr(toy, "NETS", {kind: spec._replace(steps=3) for kind, spec in toy.NETS.items()})
     threads = torch.get_num_threads()
     torch.manual_seed(123)  # the global state must not matter, nor the caller's thread count
     torch.set_num_threads(2)
     state = torch.get_rng_state()
-    both = toy.trained_nets(["metric", "perceptual"], str(tmp_path))  # trained side by side, in two threads
+    both = toy.trained_nets(list(toy.NETS), str(tmp_path))  # trained side by side, a thread each
     assert torch.equal(torch.get_rng_state(), state) and torch.get_num_threads() == 2  # the caller's, untouched
     first = both["metric"]
     torch.set_num_threads(1)
-    for kind, (cls, seed) in toy.NETS.items():  # the same weights as one network trained alone
-        other = toy.train_classifier(cls, seed, 3)
+    for kind in toy.NETS:  # the same weights as one network trained alone
+        other = toy.train_net(kind, 3)
         assert all(torch.equal(a, b) for a, b in zip(both[kind].state_dict().values(), other.state_dict().values()))
     torch.set_num_threads(threads)
     assert [f for f in os.listdir(tmp_path) if f.startswith("toy_metric_")] and not first.training
-    monkeypatch.setattr(toy, "train_classifier", lambda *a, **k: pytest.fail("trained again instead of loaded"))
+    monkeypatch.setattr(toy, "train_net", lambda *a, **k: pytest.fail("trained again instead of loaded"))
     again = toy.trained_net("metric", str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     assert not any(p.requires_grad for p in again.parameters())
@@ -459,7 +624,7 @@ def test_toy_networks_are_trained_once_deterministically_and_cached(tmp_path, mo
 def test_toy_ships_the_default_familys_networks_and_they_know_its_classes(tmp_path, monkeypatch):
     # A changed family, seed or step count names other files: then this fails until assets/toy_nets is retrained
     # (rather than every quick start training both networks for minutes).
-    monkeypatch.setattr(toy, "train_classifier", lambda *a, **k: pytest.fail("a shipped network is missing"))
+    monkeypatch.setattr(toy, "train_net", lambda *a, **k: pytest.fail("a shipped network is missing"))
     nets = toy.trained_nets(list(toy.NETS), str(tmp_path / "cache"))
     assert not os.path.exists(tmp_path / "cache")
     x, y = toy.draw(500, torch.Generator().manual_seed(99))
@@ -469,7 +634,7 @@ def test_toy_ships_the_default_familys_networks_and_they_know_its_classes(tmp_pa
 
 SCRIPT_TRAIN_NETS = """
 import sys, torch, toy
-nets = {kind: toy.train_classifier(cls, seed, 3, batch=16) for kind, (cls, seed) in toy.NETS.items()}
+nets = {kind: toy.train_net(kind, 3, batch=16) for kind in toy.NETS}
 torch.save({kind: net.state_dict() for kind, net in nets.items()}, sys.argv[1])
 """
 
@@ -609,7 +774,7 @@ def test_distill_every_loss_is_finite_with_gradients():
     target = torch.rand(2, 3, 32, 32) * 2 - 1
     for name in distill.LOSSES:
         args.loss = name
-        loss_fn = distill.build_loss(args, torch.device("cpu"))
+        loss_fn, _ = distill.build_loss(args, torch.device("cpu"))
         pred = torch.zeros(2, 3, 32, 32, requires_grad=True)
         value = loss_fn(pred, target)
         value.backward()
@@ -618,18 +783,20 @@ def test_distill_every_loss_is_finite_with_gradients():
 
 
 def test_distill_lpips_net_is_frozen():
-    net = distill.build_lpips("alex", "cpu", backbone="random")
+    net = measure.build_lpips("alex", "cpu", backbone="random")
     assert not any(p.requires_grad for p in net.parameters()) and not net.training
 
 
 def train_args(cache, out, *extra):
-    return toy_flags(cache) + TINY + ["--out", str(out), "--batch", "16", "--log-every", "5"] + list(extra)
+    # a constant rate after the warm-up (no --decay): a run to step n is then the first n steps of a longer one
+    return toy_flags(cache) + TINY + ["--out", str(out), "--batch", "16", "--log-every", "5", "--decay", "0",
+                                      *extra]
 
 
 def test_distill_tiny_overfit_lowers_loss(cache, tmp_path):
     _, held = data.load_pairs("toy", 32, n_train=256, seed=0)
     args = distill.resolve(distill.get_parser().parse_args(train_args(cache, tmp_path, "--steps", "1")))
-    loss_fn = distill.build_loss(args, torch.device("cpu"))
+    loss_fn, _ = distill.build_loss(args, torch.device("cpu"))
     torch.manual_seed(0)
     model = dit.DiT(2, 32, 4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -646,8 +813,9 @@ def test_distill_tiny_overfit_lowers_loss(cache, tmp_path):
 
 def test_distill_warmup_ramps_the_rate_and_grad_clip_bounds_the_norm(cache, tmp_path):
     args = distill.resolve(distill.get_parser().parse_args(train_args(
-        cache, tmp_path, "--steps", "1", "--loss", "l2", "--lr", "1e-3", "--warmup", "4", "--grad-clip", "0.01")))
-    run = distill.build_student(args, torch.device("cpu"), distill.build_loss(args, torch.device("cpu")))
+        cache, tmp_path, "--steps", "1", "--loss", "l2", "--lr", "1e-3", "--warmup", "4", "--grad-clip", "0.01",
+        "--decay", "0")))
+    run = distill.build_student(args, torch.device("cpu"), distill.build_loss(args, torch.device("cpu"))[0])
     _, held = data.load_pairs("toy", 32, n_train=256, seed=0)
     z, y, x = held.batch(torch.arange(8))
 
@@ -727,7 +895,7 @@ def test_distill_resume_is_exact(cache, tmp_path, capsys):
 def test_distill_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch):
     calls = {"n": 0}
 
-    def poisoned(args, device):
+    def poisoned(args, device, lpips_net):
         def loss(pred, target):
             calls["n"] += 1
             value = ((pred - target) ** 2).mean()
@@ -781,20 +949,20 @@ def test_distill_ctrl_c_saves_a_checkpoint(cache, tmp_path, stop):
     assert state["step"] >= 2 and "--resume" in out
 
 
-def test_distill_prefetched_batches_come_in_order_errors_surface_and_the_thread_stops():
+def test_common_prefetched_batches_come_in_order_errors_surface_and_the_thread_stops():
     def make(step):
         if step == 5:
             raise RuntimeError("no batch 5")
         return (torch.tensor([step]),)
-    batches = distill.prefetched(make, range(3, 8), depth=2)
+    batches = common.prefetched(make, range(3, 8), depth=2)
     assert [int(next(batches)[0]) for _ in range(2)] == [3, 4]
     with pytest.raises(RuntimeError, match="no batch 5"):  # raised in the training thread, at its step
         next(batches)
-    batches = distill.prefetched(lambda step: (torch.zeros(1),), range(10 ** 6), depth=2)
+    batches = common.prefetched(lambda step: (torch.zeros(1),), range(10 ** 6), depth=2)
     next(batches)
     batches.close()  # the loop ended early (Ctrl-C, an error): the thread has stopped when close returns (a
     assert not any(t.name == "prefetch" for t in threading.enumerate())  # thread left in torch aborts the exit)
-    batches = distill.prefetched(make, range(3, 8), depth=1)
+    batches = common.prefetched(make, range(3, 8), depth=1)
     next(batches)
     time.sleep(0.3)  # batch 4 fills the queue, then batch 5 fails with nowhere to go: close must still return
     batches.close()
@@ -878,11 +1046,11 @@ def test_sample_grid_and_npz(cache, tmp_path, capsys):
     real_teacher = toy.teacher_sample
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(toy, "teacher_sample", lambda z, y, *a: drawn.append((z, y)) or real_teacher(z, y, *a))
-        sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--compare",
-                     str(tmp_path / "c.png"), "--per-class", "1", "--device", "cpu"])
+        toy.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--compare",
+                  str(tmp_path / "c.png"), "--per-class", "1"])
     assert Image.open(tmp_path / "c.png").size[0] > 10 * 32 and drawn[0][1].tolist() == list(range(10))
     assert "toy-lpips (2,32,4) seed 0, step 2" in capsys.readouterr().out  # a row says which run and how far it trained
-    with pytest.raises(SystemExit):  # several checkpoints make a comparison, not a grid
+    with pytest.raises(SystemExit):  # a grid samples one checkpoint
         sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x.png")])
 
 
@@ -910,8 +1078,8 @@ def test_sample_unconditional_pairs_use_the_null_class_in_every_tool(fid_cache, 
     sample.main(["--ckpt", ckpt, "--npz", str(tmp_path / "s.npz"), "--n", "12", "--batch", "5", "--device", "cpu"])
     sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "g.png"), "--per-class", "2", "--device", "cpu"])
     assert (np.load(tmp_path / "s.npz")["labels"] == dit.NUM_CLASSES).all()
-    fid.main(["--ckpt", ckpt, "--n", "10", "--batch", "5", "--inception", fid_cache["weights"], "--cifar", fid_cache["cifar"],
-              "--device", "cpu"])
+    fid.main(["--ckpt", ckpt, "--n", "10", "--batch", "5", "--inception", fid_cache["weights"], "--cifar",
+              fid_cache["cifar"], "--device", "cpu"])
     assert json.loads((out / "results.json").read_text())["fid_cfg_scale"] == 1
     measured = bench.main(["--ckpt", ckpt, "--modes", "fp32", *FAST])
     assert [r["cfg_scale"] for r in measured] == [1.0]
@@ -923,7 +1091,7 @@ def test_sample_unconditional_pairs_use_the_null_class_in_every_tool(fid_cache, 
                          ("distill", ["--data", str(root), "--holdout", "4", *TINY, "--loss", "l2", "--cfg-scale",
                                       "1.5", "--out", str(tmp_path / "guided")])]:
         assert_refused(script, argv, "trained on unconditional pairs", capsys)
-    assert_refused("sample", ["--ckpt", ckpt, "--compare", str(tmp_path / "c.png")], "learned from other pairs", capsys)
+    assert_refused("toy", ["--ckpt", ckpt, "--compare", str(tmp_path / "c.png")], "learned from other pairs", capsys)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -985,7 +1153,7 @@ def test_mi1_bad_mappings(layers, times, phrase):
 
 
 def test_mi1_runs_resumes_and_samples(cache, tmp_path):
-    flags = toy_flags(cache) + ["--d", "4", "--w", "32", "--h", "4", "--layers", "2,4", "--t", "0.5,0",
+    flags = toy_flags(cache) + ["--d", "4", "--w", "32", "--h", "4", "--layers", "2,4", "--t", "0.5,0", "--decay", "0",
                                 "--batch", "16", "--log-every", "2", "--eval-every", "3"]
     mi1.main(flags + ["--out", str(tmp_path / "straight"), "--steps", "6"])
     mi1.main(flags + ["--out", str(tmp_path / "split"), "--steps", "3"])
@@ -1258,7 +1426,7 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
 def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     """study.sh end to end on two tiny runs: one record per run with its latency, the L1 run kept out of
     its design's quality point; a second call skips the finished run it names and reports both."""
-    env = dict(STEPS="3", BATCH="8", OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"),
+    env = dict(STEPS="3", BATCH="8", EVERY="1", OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"),
                ONLY="d5w64h8_toy-lpips d5w64h8_l1", BENCH_N="2", PYTHON=sys.executable,
                TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache, whatever this machine has
     argv = ["bash", "study.sh", *toy_flags(cache)]
@@ -1271,16 +1439,19 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
         assert r["param_count"] == dit.param_count(5, 64) and r["wall_s"] > 0 and r["hardware"]
         assert r["ema"]["psnr"] > 0 and r["class_mean"]["psnr"] > 0
         assert r["ema"]["toy_fid"] > 0 and 0 <= r["ema"]["toy_acc"] <= 1 and r["teacher"]["toy_fid"] >= 0
-        assert 0 <= r["ema"]["toy_mode"] <= 1 and r["ema"]["toy_fid_tuned"] > 0 and r["ema"]["cfg_tuned"] >= 1
+        assert 0 <= r["ema"]["toy_mode"] <= 1 and r["ema"]["toy_fid_best"] > 0 and r["ema"]["cfg_best"] >= 1
         assert r["latency"]["mode"] == "lut" and r["latency"]["ms_per_image"] > 0
     assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_toy-lpips"]["loss"] == "toy-lpips"
     table = (tmp_path / "results" / "sweep.md").read_text()
     main = records["d5w64h8_toy-lpips"]["ema"]
     assert table.count("| (5,64,8) |") == 1 and "toy FID at its best CFG (runs" in table  # the quality axis
     assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, gradient clip 1, loss " in table  # study.sh's recipe
-    assert (f"| {main['toy_fid_tuned']:.2f} | {main['cfg_tuned']:.2f} | {main['toy_fid']:.2f} | "
+    assert (f"| {main['toy_fid_best']:.2f} | {main['cfg_best']:.2f} | {main['toy_fid']:.2f} | "
             f"{main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |") in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results" / "guidance.png").read_bytes()[:4] == b"\x89PNG"  # toy FID against the scale
+    curve = records["d5w64h8_toy-lpips"]["curve"]  # the run's record holds its training curve too
+    assert [c["step"] for c in curve] == [1, 2, 3] and curve[-1]["toy_fid_best"] == main["toy_fid_best"]
     (tmp_path / "results" / "sweep.md").unlink()
     env["ONLY"] = "d5w64h8_l1"  # a call naming one finished run still reports both
     second = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
@@ -1604,7 +1775,7 @@ def test_fid_cli_error_has_no_traceback(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Bad input, by class of error, for every script: one paragraph, exit code 2, no traceback, no file damaged
 
-SCRIPTS = {"dit": dit.main, "data": data.main, "distill": distill.main, "ta": ta.main, "mi1": mi1.main,
+SCRIPTS = {"assignments": assignments.main, "dit": dit.main, "data": data.main, "distill": distill.main, "ta": ta.main, "mi1": mi1.main,
            "sample": sample.main, "fid": fid.main, "bench": bench.main, "study": study.main, "toy": toy.main}
 
 
@@ -1652,7 +1823,10 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("toy", ["--ckpt", "no_such_ckpt.pt"], "no checkpoint at no_such_ckpt.pt"),
     ("toy", ["--cfg-scale", "1", "-1"], "--cfg-scale must be"),
     ("distill", ["--data", "PATH", "--loss", "toy-lpips"], "--loss toy-lpips compares images"),
-    ("sample", ["--ckpt", "a.pt", "--npz", "s.npz", "--compare", "c.png"], "not both"),
+    ("toy", ["--compare", "c.png"], "name them with --ckpt"),
+    ("assignments", ["grade", "--only", "99"], "no assignment 99"),
+    ("assignments", ["make", "copy", "--only", "1,x"], "--only 1,x"),
+    ("assignments", ["grade", "--repo", "nowhere"], "no dit.py there"),
     ("data", ["--toy-seed", "-1"], "--toy-seed must be an integer at least 0"),
     ("data", ["--holdout", "0"], "--holdout must be a positive integer"),
     ("distill", ["--lr", "-1"], "--lr must be a number greater than 0"),
@@ -1823,6 +1997,73 @@ def test_cli_unwritable_outputs_are_refused_before_any_work(cache, good_files, t
     assert sorted(os.listdir(tmp_path)) == ["file.txt"] and blocker.read_text() == "keep me"
 
 
+def test_assignments_make_a_student_copy_and_grade_names_the_failing_test(tmp_path, capsys):
+    assignments.main([])
+    listing = capsys.readouterr().out
+    assert all(f"{n:2d}. " in listing for n in assignments.ASSIGNMENTS) and "dit.py:Attention.forward" in listing
+    copy = tmp_path / "student"
+    assignments.main(["make", str(copy), "--only", "2,5"])
+    assert not (copy / ".git").exists() and not list(copy.rglob("*.pyc")) and (copy / "assets" / "toy_nets").is_dir()
+    source = (copy / "dit.py").read_text()
+    assert 'raise NotImplementedError("assignment 2: write Attention.forward' in source
+    assert "scaled_dot_product_attention" not in source.split("class Attention")[1].split("class Block")[0]
+    assert '"""Classifier-free guidance from the halves' in source  # the docstring stays, the body goes
+    assert "def modulate(x, shift, scale):" in source and "return x * (1 + scale" in source  # others intact
+    with pytest.raises(SystemExit) as stop:  # an existing folder is never written into
+        assignments.main(["make", str(copy)])
+    assert stop.value.code == 2 and "exists" in capsys.readouterr().err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        assignments.main(["grade", "--repo", str(copy), "--only", "2,5,10"])
+    lines = capsys.readouterr().out.splitlines()
+    assert stop.value.code == 1, lines
+    assert lines[0].startswith(" 2. Multi-head self-attention: FAIL  test_a2_") and "assignment 2" in lines[0], lines
+    assert lines[1].startswith(" 5. ") and "FAIL" in lines[1] and lines[2].endswith("not handed in"), lines
+    with pytest.raises(SystemExit) as stop:  # the repository itself passes
+        assignments.main(["grade", "--only", "2,5"])
+    assert stop.value.code == 0, capsys.readouterr().out
+
+
+def test_assignments_grade_table1_from_the_handed_in_records(tmp_path):
+    """Assignment 10 passes only for the quick start's recipe run to the end with each loss, the toy LPIPS run
+    beating L1 and L2 and the class means clearly."""
+    def hand_in(fids, **change):
+        for loss, fid in fids.items():
+            record = dict(assignments.quick_start_recipe(), loss=loss, ema={"toy_fid_best": fid},
+                          class_mean={"toy_fid": 200.0}, **change)
+            os.makedirs(tmp_path / "table1" / loss, exist_ok=True)
+            common.write_json(str(tmp_path / "table1" / loss / "results.json"), record)
+    assert assignments.grade_table1(str(tmp_path)) is None  # not handed in
+    hand_in({"l1": 300.0, "l2": 250.0, "toy-lpips": 100.0})
+    assert assignments.grade_table1(str(tmp_path)) == ""
+    hand_in({"l2": 150.0, "toy-lpips": 170.0})
+    assert "should beat L1" in assignments.grade_table1(str(tmp_path))
+    hand_in({"toy-lpips": 190.0})
+    assert "above 0.9 x the class means'" in assignments.grade_table1(str(tmp_path))
+    hand_in({"toy-lpips": 100.0}, step=10)
+    assert "was not trained as asked" in assignments.grade_table1(str(tmp_path))
+
+
+def test_scripts_import_in_layers_without_a_circle():
+    """Every import among the scripts, those inside functions included, goes one way: dit -> sample -> the metrics
+    (fid, toy) -> data, measure -> training (distill, then ta, mi1) -> tools (bench, study); common under all."""
+    import ast
+    scripts = {os.path.splitext(f)[0] for f in os.listdir(HERE) if f.endswith(".py") and f != "test_all.py"}
+    graph = {}
+    for name in scripts:
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        found = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        found |= {node.module.split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module}
+        graph[name] = (found & scripts) - {name}
+
+    def reaches(start, goal, seen=()):
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen + (nxt,))) for nxt in graph[start])
+    circles = sorted(name for name in scripts if reaches(name, name))
+    assert not circles, f"these scripts import themselves through others: {circles} ({graph})"
+    assert graph["common"] == set() and graph["dit"] == {"common"} and "toy" not in graph["sample"]
+
+
 def test_common_an_interrupted_write_leaves_the_old_file_whole(tmp_path):
     path = tmp_path / "results.json"
     path.write_text('{"step": 1}')
@@ -1868,7 +2109,7 @@ def test_study_sh_refuses_bad_settings(tmp_path):
                             ("PYTHON=/no/python", "PYTHON=/no/python"),
                             ("ONLY=d5w64h8_l3", "unknown run 'd5w64h8_l3'"), ("LOSS=mse", "LOSS=mse must be"),
                             ("LR=fast", "LR=fast must be a number"), ("WARMUP=-1", "WARMUP=-1 must be"),
-                            ("CLIP=x", "CLIP=x must be a number"),
+                            ("CLIP=x", "CLIP=x must be a number"), ("EVERY=0", "EVERY=0 must be a positive"),
                             (f"OUT={blocker}/runs", "cannot write to the folder")]:
         key, value = setting.split("=", 1)
         env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))

@@ -5,6 +5,7 @@ teacher for it, and the toy metrics that stand in for FID where CIFAR-10 and the
     python toy.py                  # the toy metric's calibration: the teacher's own images, its noise, baselines
     python toy.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt   # ... and those checkpoints' samples beside them
     python toy.py --ckpt CKPT --cfg-scale 1 1.25 1.5          # ... at several guidance scales (and its best)
+    python toy.py --ckpt A/ckpt.pt B/ckpt.pt --compare c.png  # the toy teacher above each student, same noise
     python data.py --data toy      # build (or find) the cached teacher pairs, print a summary
 
     import toy
@@ -26,6 +27,7 @@ correction on every step but the last) from x = 80 z, in float64. So the teacher
 exactly what EDM would produce for this data set, and a student's error on held-out pairs measures imitation.
 """
 import argparse
+import collections
 import concurrent.futures
 import hashlib
 import os
@@ -99,18 +101,31 @@ MODE_NAMES = [torch.tensor([next(i for i in range(j + 1) if torch.equal(m[i], m[
 CENTRE_MODE = (len(SIZES) - 1) * (2 * JITTER + 1) ** 2 + JITTER * (2 * JITTER + 1) + JITTER
 
 
-def draw(n, generator, labels=None, modes=None):
+def draw(n, generator, labels=None, modes=None, factors=False):
     """n exact samples of the family -> (images float32 [n,3,32,32], labels int64 [n]): class uniform (or
-    `labels`), mode uniform (or `modes` [n], indices into MASKS[label]), colours Gaussian."""
+    `labels`), mode uniform (or `modes` [n], indices into MASKS[label]), colours Gaussian. With factors, also
+    each image's mode [n] and colours [n,6] (background, then foreground, per channel)."""
     y = torch.randint(0, NUM_CLASSES, (n,), generator=generator) if labels is None else labels
-    x = torch.empty(n, CHANNELS, IMG * IMG)
+    x, mode, colours = torch.empty(n, CHANNELS, IMG * IMG), torch.empty(n, dtype=torch.long), torch.empty(n, 6)
     for c in range(NUM_CLASSES):
         rows = (y == c).nonzero().squeeze(1)
         j = torch.randint(0, len(MASKS[c]), (len(rows),), generator=generator) if modes is None else modes[rows]
         m = MASKS[c][j].float()[:, None]
         bg, fg = (mean + COLOUR_STD * torch.randn(len(rows), CHANNELS, 1, generator=generator) for mean in COLOUR_MEAN)
         x[rows] = bg * (1 - m) + fg * m
-    return x.view(n, *SHAPE), y
+        mode[rows], colours[rows] = j, torch.cat([bg, fg], 1).squeeze(2)
+    return (x.view(n, *SHAPE), y) + ((mode, colours) if factors else ())
+
+
+def soften(images, sigma):
+    """A Gaussian blur of each image [B,3,32,32] with its own sigma [B] in pixels (0: unchanged), 7 taps, the
+    border repeated: the softness a one-step student's images have."""
+    taps = torch.arange(-3, 4, dtype=images.dtype)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma.to(images.dtype).clamp(min=1e-3)[:, None] ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True))[:, None, None, None, :]        # [B,1,1,1,7]
+    x = F.pad(images, (3, 3, 3, 3), mode="replicate")
+    x = (x.unfold(3, 7, 1) * kernel).sum(-1)                                          # along rows: [B,3,38,32]
+    return (x.unfold(2, 7, 1) * kernel).sum(-1)                                       # along columns: [B,3,32,32]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,9 +253,9 @@ def load_pairs(cache_dir, n_train=20000, n_heldout=1000, seed=0):
 # Toy metrics: a small classifier of the family stands in for FID's Inception
 
 class Classifier(nn.Module):
-    """The toy metric's network: four 3x3 conv stages (32, 64, 128, 128 channels; average-pooled between
-    them) -> 128 features, averaged over the image -> 10 class logits. Trained only on exact draws of the
-    family, as FID's Inception saw only real images: the features of the teacher's images are its reference."""
+    """The toy's class-accuracy network: four 3x3 conv stages (32, 64, 128, 128 channels; average-pooled between
+    them) -> 128 features averaged over the image -> `fc`, the 10 class logits. Trained to name the shape (class_loss)
+    on exact draws of the family only."""
 
     def __init__(self):
         super().__init__()
@@ -255,6 +270,49 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x))
+
+
+class FactorNet(Classifier):
+    """The toy metric's network, the toy's Inception: the Classifier's layers, whose 128 pooled features FID's
+    statistics are taken of, and a second head `factors`, the rest of what the family varies: the shape's size, its
+    position in y and in x (logits) and its six colours. Trained by metric_loss on exact draws of the family only."""
+
+    def __init__(self):
+        super().__init__()
+        self.factors = nn.Linear(self.fc.in_features, len(SIZES) + 2 * (2 * JITTER + 1) + 2 * CHANNELS)
+
+
+SOFTEN_MAX = 1.0       # metric_loss softens training images with a Gaussian blur of sigma ~ U(0, SOFTEN_MAX) pixels
+SOFTNESS_WEIGHT = 10.0  # ... and pulls their features onto the sharp images' with this weight
+
+
+def metric_loss(net, x, y, modes, colours, generator):
+    """The toy metric network's objective, on a batch of exact draws and the same images softened (soften, sigma
+    ~ U(0, SOFTEN_MAX)): recognise every factor the family varies (class, size, position in y and x: cross-entropy;
+    the six colours: squared error over their variance) from both, and give a softened image the sharp one's
+    features (SOFTNESS_WEIGHT x their squared distance over the features' squared norm).
+    Why: FID's Inception, trained on a thousand kinds of photos, has features that carry far more than a label
+    (colour, pose, texture) and that a mild blur of a CIFAR-10 image, seen upsampled to 299 pixels, moves little. A
+    network trained only to name the shape learns to ignore what the family randomises (colours, positions), so a
+    set without that diversity (one mean image per class) scored close to the teacher, and its features followed
+    edge sharpness so closely that the teacher's images blurred by 3x3 scored worse than the class means."""
+    sizes, places = len(SIZES), 2 * JITTER + 1
+    soft = soften(x, SOFTEN_MAX * torch.rand(len(x), generator=generator, dtype=x.dtype))
+    features = net.features(torch.cat([x, soft]))
+    sharp, softened = features.chunk(2)
+    two = lambda t: torch.cat([t, t])  # noqa: E731  (the targets of both halves)
+    out = net.factors(features)
+    size, dy, dx = modes // places ** 2, modes // places % places, modes % places  # MASKS' order: size, dy, dx
+    loss = (F.cross_entropy(net.fc(features), two(y)) + F.cross_entropy(out[:, :sizes], two(size))
+            + F.cross_entropy(out[:, sizes:sizes + places], two(dy))
+            + F.cross_entropy(out[:, sizes + places:sizes + 2 * places], two(dx))
+            + ((out[:, sizes + 2 * places:] - two(colours).to(out.dtype)) ** 2).mean() / COLOUR_STD ** 2)
+    return loss + SOFTNESS_WEIGHT * ((sharp - softened) ** 2).sum(1).mean() / sharp.detach().pow(2).sum(1).mean()
+
+
+def class_loss(net, x, y, modes, colours, generator):
+    """The toy LPIPS network's objective: name the shape (cross-entropy)."""
+    return F.cross_entropy(net(x), y)
 
 
 class PerceptualNet(nn.Module):
@@ -282,59 +340,75 @@ class PerceptualNet(nn.Module):
         return self.fc(self.stage_outputs(x)[-1].mean((2, 3)))
 
 
-def train_classifier(cls, seed, steps, batch=128, lr=2e-3, desc="toy classifier"):
-    """A new cls() trained with cross-entropy on fresh exact draws of the family (no sample is seen twice),
-    AdamW -> the network in float32, for use. Seeded (the initial weights too, without touching the caller's
-    random state), on one CPU thread and in float64, so that the weights do not depend on the caller's thread
-    count and depend less on the CPU: a float32 convolution rounds differently with each CPU's vector kernels
-    (AVX2, AVX-512, ...) and training amplifies it (after 100 steps, weights 0.14 apart between an AVX-512 and
-    an AVX2 run of one seed; 4e-15 in float64). Float64 only delays the parting: over 600 steps the metric's
-    network still agrees (1e-9) but the perceptual one parts (0.35), hence the shipped files (trained_nets).
-    Safe to run in several threads at once."""
+def train_net(kind, steps=None, batch=128, lr=2e-3, desc=None):
+    """NETS[kind]'s network trained by its objective on fresh exact draws of the family (no image is seen twice) for
+    `steps` (default: its own), AdamW (for the metric network, the rate falling linearly to 0 over the second half)
+    -> the network in float32, for use. Seeded (the initial weights too, without touching the caller's random
+    state), on one CPU thread and in float64, so that the weights do not depend on the caller's thread count and
+    depend less on the CPU: a float32 convolution rounds differently with each CPU's vector kernels (AVX2, AVX-512,
+    ...) and training amplifies it. Float64 only delays the parting over hundreds of steps, hence the shipped files
+    (trained_nets). Safe to run in several threads at once."""
+    spec = NETS[kind]
+    steps = steps or spec.steps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this thread's (OpenMP's thread count is per calling thread)
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the global generator, only for the initial weights
-        torch.manual_seed(seed)
-        net = cls().double()
-    g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(spec.seed)
+        net = spec.network().double()
+    g = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     t0 = time.time()
     try:
         for step in range(steps):
-            x, y = draw(batch, g)
-            loss = F.cross_entropy(net(x.double()), y)
+            if spec.decay:
+                for group in opt.param_groups:
+                    group["lr"] = lr * min(1.0, 2 * (steps - step) / steps)
+            x, y, modes, colours = draw(batch, g, factors=True)
+            loss = spec.objective(net, x.double(), y, modes, colours, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if (step + 1) % 200 == 0 or step + 1 == steps:
-                print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f}s", flush=True)
+            if (step + 1) % 100 == 0 or step + 1 == steps:
+                eta = (time.time() - t0) / (step + 1) * (steps - step - 1)
+                print(f"{desc or 'toy ' + kind + ' network'}: step {step + 1}/{steps}, loss {loss.item():.4f}, "
+                      f"{time.time() - t0:.0f}s, eta {eta:.0f}s", flush=True)
     finally:
         torch.set_num_threads(threads)
     return net.float().eval().requires_grad_(False)
 
 
 _INIT_LOCK = threading.Lock()
-NETS = {"metric": (Classifier, 0), "perceptual": (PerceptualNet, 1)}  # network, seed
-NET_STEPS = 600  # 76,800 fresh draws (the tests train for fewer)
+NetSpec = collections.namedtuple("NetSpec", "network seed objective steps decay tag")  # tag: names a changed recipe
+NETS = {  # the toy's three networks: FID's features, class accuracy, the toy LPIPS (steps x 128 fresh draws each)
+    "metric": NetSpec(FactorNet, 0, metric_loss, 1500, True, "factors, softening"),
+    "classifier": NetSpec(Classifier, 0, class_loss, 600, False, ""),
+    "perceptual": NetSpec(PerceptualNet, 1, class_loss, 600, False, ""),
+}
 NETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_nets")  # shipped with the repo
+
+
+def net_file_name(kind):
+    """The file a kind's network is kept in: named by the family, kind and training recipe."""
+    spec = NETS[kind]
+    key = f"{FAMILY} {kind} {spec.seed} {spec.steps}" + (f" {spec.tag}" if spec.tag else "")
+    return f"toy_{kind}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
 
 
 def trained_nets(kinds, cache_dir):
     """{kind: network} for kinds among NETS: the toy metric's classifier ("metric") and the toy LPIPS's network
     ("perceptual"). Each is looked for in NETS_DIR, which ships the ones this code trains for the default family
     (so that every machine scores with the same network, as FID's users share one Inception, and the quick start
-    trains neither), then in cache_dir. One found in neither is trained (train_classifier: about 6 min on one CPU
-    thread; missing ones side by side, one thread each, so both take no longer than one) and cached in cache_dir.
-    Files are named by family, kind, seed and steps, so a changed family trains its own; delete a file to train
-    it again (on another CPU, not bit for bit the shipped weights: see train_classifier)."""
+    trains neither), then in cache_dir. One found in neither is trained (train_net: minutes on one CPU thread;
+    missing ones side by side, one thread each) and cached in cache_dir. Files are named by net_file_name, so a
+    changed family or objective trains its own; delete a file to train it again (on another CPU, not bit for bit
+    the shipped weights: see train_net)."""
     nets, missing = {}, {}
     for kind in kinds:
-        cls, seed = NETS[kind]
-        name = f"toy_{kind}_{hashlib.sha1(f'{FAMILY} {kind} {seed} {NET_STEPS}'.encode()).hexdigest()[:10]}.pt"
+        name = net_file_name(kind)
         for path in (os.path.join(NETS_DIR, name), os.path.join(cache_dir, name)):
             if os.path.exists(path):
                 try:
-                    net = cls()
+                    net = NETS[kind].network()
                     net.load_state_dict(torch.load(path, weights_only=True))
                     nets[kind] = net.eval().requires_grad_(False)
                     break
@@ -345,8 +419,8 @@ def trained_nets(kinds, cache_dir):
     if missing:
         writable_dir(cache_dir, "the toy cache folder (DIT_NANO_CACHE)")
         with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:  # the convolutions release the GIL
-            jobs = {kind: pool.submit(train_classifier, *NETS[kind], NET_STEPS, desc=f"toy {kind} network (once, "
-                                      "cached)") for kind in missing}
+            jobs = {kind: pool.submit(train_net, kind, desc=f"toy {kind} network (once, cached)")
+                    for kind in missing}
             for kind, path in missing.items():
                 nets[kind] = jobs[kind].result()
                 atomic_write(path, lambda tmp: torch.save(nets[kind].state_dict(), tmp))
@@ -360,25 +434,26 @@ def trained_net(kind, cache_dir):
 
 @torch.no_grad()
 def features_and_logits(net, images, batch=sample.METRIC_BATCH):
-    """images [N,3,32,32] on [-1,1] -> (features float64 [N,128], logits [N,10]) on the CPU."""
+    """images [N,3,32,32] on [-1,1] -> (features float64 [N,128], class logits [N,10]) on the CPU."""
     feats, logits = [], []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].float().cpu()
-        f = net.features(x)
+        f = net.features(images[i:i + batch].float().cpu())
         feats.append(f.double())
         logits.append(net.fc(f))
     return torch.cat(feats).numpy(), torch.cat(logits)
 
 
-def toy_fid(net, images, labels, reference):
-    """The toy metrics of images [N,3,32,32] meant to be of classes labels [N]: {"toy_fid": Frechet distance of
-    the classifier's features to reference (mu, sigma) (fid.py's formula), "toy_acc": the fraction the
-    classifier assigns to their class}."""
-    feats, logits = features_and_logits(net, images)
+def toy_fid(net, images, reference):
+    """The toy FID of images [N,3,32,32]: the Frechet distance (fid.py's formula) of the metric network's features
+    to the reference statistics (mu, sigma)."""
     with warnings.catch_warnings():  # channels a ReLU never opens have zero variance: sqrtm warns, and copes
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        distance = frechet_distance(*statistics(feats), *reference)
-    return {"toy_fid": float(distance), "toy_acc": float((logits.argmax(1) == labels.cpu()).float().mean())}
+        return float(frechet_distance(*statistics(features_and_logits(net, images)[0]), *reference))
+
+
+def class_accuracy(classifier, images, labels):
+    """The fraction of images [N,3,32,32] the class-accuracy network assigns to their class labels [N]."""
+    return float((features_and_logits(classifier, images)[1].argmax(1) == labels.cpu()).float().mean())
 
 
 def modes_of(images, labels):
@@ -420,57 +495,63 @@ def mode_chance():
     return float(np.mean([(torch.bincount(names) / len(names)).pow(2).sum() for names in MODE_NAMES]))
 
 
-# A run's tuned score: its toy FID at the guidance scale that suits it best. The best scale falls as a student
-# learns and differs between sizes (on the toy at step 1,200: 1.55-1.6 for the 0.42M design, 1.35-1.4 for the
-# larger ones; 1.2-1.3 at step 2,400, where the toy FID at 1.5 is two to five times that at the best scale), so
-# runs compared at one fixed scale are ranked partly by how well that scale happens to suit each. The scale is
-# chosen on samples of other noise (SELECTION_SEED, the held-out labels), not on the held-out noise it then
-# scores, so the choice does not flatter the score.
-TUNE_SCALES = tuple(round(1 + 0.05 * k, 2) for k in range(31))  # 1, 1.05, ..., 2.5
+# The toy's reporting protocol: a student is scored at the guidance scale that suits it best, chosen on its samples of
+# other noise (SELECTION_SEED, the held-out labels) so that the choice does not flatter its held-out score, with the
+# paper's fixed scale 1.5 beside it. Why not one fixed scale for all: the toy teacher samples its family without
+# guidance, so guidance only sharpens a soft student, and a sharper student needs less of it (the README's guidance
+# plot); at a fixed scale designs are ranked partly by how well that scale suits each. Every evaluation keeps the toy
+# FID at every scale of SCALES, of both noises, so another protocol can be read off the records without retraining.
+SCALES = tuple(round(1 + 0.1 * k, 1) for k in range(11))  # 1, 1.1, ..., 2
+PROTOCOL = "toy_fid_best: the scale of SCALES whose selection-noise samples score lowest; toy_fid: at cfg_scale"
 SELECTION_SEED = 2**31 - 1  # no teacher pair's noise comes from it (their seeds are 2 toy_seed + 1, + 2)
 
 
 def selection_noise(n):
-    """The noise [n,3,32,32] whose samples choose a run's guidance scale (Scorer.best_scale)."""
+    """The noise [n,3,32,32] whose samples choose a run's guidance scale (Scorer.score_model)."""
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(SELECTION_SEED))
 
 
 class Scorer:
-    """The toy metrics as FID's protocol has them: the classifier (trained_net "metric") and the reference
-    statistics of the teacher's training images (the toy's "CIFAR-10 train"). scorer(images, labels) ->
-    {"toy_fid", "toy_acc"}; given the teacher's images for the same noise, also "toy_mode": the fraction of
-    images drawn in the teacher's mode (shape position and size; chance is mode_chance()). The toy FID,
-    like FID, pools its features over the image: it sees how a set's shape positions are distributed (the
-    family with every shape large and centred scores far above fresh teacher sets: python toy.py), not
-    whether each image has its shape where the teacher put it for the same noise: toy_mode does (and
-    at_their_positions separates the two).
-    scorer.tuned scores a model at the guidance scale that suits it best (best_scale)."""
+    """The toy metrics as FID's protocol has them: the metric network (trained_net "metric"), the reference
+    statistics of the teacher's training images (the toy's "CIFAR-10 train") and the class-accuracy network.
+    scorer(images, labels) -> {"toy_fid", "toy_acc"}; given the teacher's images for the same noise, also
+    "toy_mode": the fraction of images drawn in the teacher's mode (shape position and size; chance is
+    mode_chance()). The toy FID, like FID, pools its features over the image: it sees how a set's shape positions
+    are distributed (python toy.py: the family with every shape large and centred scores far above fresh teacher
+    sets), not whether each image has its shape where the teacher put it for the same noise: toy_mode does.
+    scorer.score_model applies the protocol."""
 
     def __init__(self, train_images, cache_dir):
-        self.net = trained_net("metric", cache_dir)
+        nets = trained_nets(["metric", "classifier"], cache_dir)
+        self.net, self.classifier = nets["metric"], nets["classifier"]
         self.reference = statistics(features_and_logits(self.net, train_images)[0])
 
     def __call__(self, images, labels, teacher=None):
-        out = toy_fid(self.net, images, labels, self.reference)
+        out = {"toy_fid": toy_fid(self.net, images, self.reference),
+               "toy_acc": class_accuracy(self.classifier, images, labels)}
         if teacher is not None:
             out["toy_mode"] = float((modes_of(images, labels) == modes_of(teacher, labels)).float().mean())
         return out
 
-    def best_scale(self, selection_halves, labels, scales=None):
-        """The guidance scale that suits a model best: of scales (default TUNE_SCALES), the one whose samples of
-        selection_noise score the lowest toy FID (selection_halves: the model's conditional and unconditional
-        predictions for that noise and labels [N], as sample.guidance_halves makes them)."""
-        scales = scales or TUNE_SCALES
-        fids = [toy_fid(self.net, dit.guided(selection_halves, s), labels, self.reference)["toy_fid"] for s in scales]
-        return scales[int(np.argmin(fids))]
+    def fids_by_scale(self, halves, labels, scales=None):
+        """{scale: toy FID} of a model's samples guided at each of scales (default SCALES); halves: its conditional
+        and unconditional predictions for some noise and labels [N] (sample.guidance_halves), two passes for all."""
+        return {s: toy_fid(self.net, dit.guided(halves, s), self.reference) for s in scales or SCALES}
 
-    def tuned(self, model, halves, labels, device, teacher=None):
-        """A model scored at its best guidance scale: the scale best_scale chooses on its samples of
-        selection_noise, then its held-out samples (halves, as sample.guidance_halves makes them, for labels [N])
-        scored at it -> (scale, this scorer's metrics)."""
-        selection = sample.guidance_halves(model, selection_noise(len(labels)), labels, device)
-        best = self.best_scale(selection, labels)
-        return best, self(dit.guided(halves, best), labels, teacher)
+    def score_model(self, model, halves, labels, teacher, cfg_scale, device):
+        """A DiT's toy metrics on the held-out pairs, by the protocol; halves: its predictions for the held-out noise ->
+        {"toy_fid", "toy_acc", "toy_mode": of its samples guided at the run's cfg_scale; "toy_fid_best": at
+        "cfg_best", the scale whose samples of selection_noise score lowest; "toy_fid_by_cfg" and
+        "selection_fid_by_cfg": {scale: toy FID} of the held-out and the selection samples; "toy_protocol" names
+        the protocol}."""
+        held = self.fids_by_scale(halves, labels)
+        selection = self.fids_by_scale(sample.guidance_halves(model, selection_noise(len(labels)), labels, device),
+                                       labels)
+        best = min(selection, key=selection.get)
+        return dict(self(dit.guided(halves, cfg_scale), labels, teacher), toy_fid_best=held[best], cfg_best=best,
+                    toy_protocol=PROTOCOL,
+                    toy_fid_by_cfg={f"{s:g}": v for s, v in held.items()},
+                    selection_fid_by_cfg={f"{s:g}": v for s, v in selection.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,6 +583,92 @@ def perceptual_loss(cache_dir, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# The picture: teacher and students for the same noise
+
+@torch.no_grad()
+def save_comparison(models, path, cfg_scale=sample.PAPER_CFG, per_class=2, seed=0, device="cpu"):
+    """One figure, written atomically: a row per model [(name, DiT)], the same noise and labels (per_class of each
+    class) in every row, headed by the toy teacher's own images for that noise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(NUM_CLASSES * per_class, 3, IMG, IMG, generator=g)
+    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    rows = [("toy teacher", teacher_sample(z, y))]
+    rows += [(name, model.sample(z.to(device), y.to(device), cfg_scale).float().cpu()) for name, model in models]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(len(y) * 0.42, len(rows) * 0.5 + 0.2), squeeze=False)
+    for ax, (name, images) in zip(axes[:, 0], rows):
+        ax.imshow(np.concatenate(list(sample.to_uint8(images).numpy()), axis=1), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.12, right=0.995, top=0.995, bottom=0.005, hspace=0.06)
+    save = dict(dpi=100, format=sample.image_format(path).lower(), bbox_inches="tight", pad_inches=0.03)  # whole labels
+    atomic_write(path, lambda tmp: fig.savefig(tmp, **save))
+    plt.close(fig)
+
+
+
+# ----------------------------------------------------------------------------------------------
+
+def foreign_shapes(n, generator):
+    """n images of shapes no class draws (a wide ellipse, a cross of diagonals, a square frame, a half disc, a
+    diamond) at the family's sizes and positions, in the family's colours: the toy's "wrong shapes"."""
+    yy, xx = np.mgrid[0:IMG, 0:IMG].astype(np.float64) + 0.5
+    found = []
+    for r in SIZES:
+        for dy in range(-JITTER, JITTER + 1):
+            for dx in range(-JITTER, JITTER + 1):
+                ty, tx = yy - IMG / 2 - dy, xx - IMG / 2 - dx
+                ay, ax, box = np.abs(ty), np.abs(tx), r - np.maximum(np.abs(ty), np.abs(tx))
+                found += [r / 2 * (1 - np.hypot(ty / (r / 2), tx / r)), np.minimum(box, 1.2 - np.abs(ay - ax)),
+                          np.minimum(box, 2.5 - box), np.minimum(r - np.hypot(ty, tx), -ty), r - ay - ax]
+    m = torch.from_numpy(np.clip(np.stack(found) + 0.5, 0, 1)).float().view(len(found), 1, -1)
+    m = m[torch.randint(0, len(found), (n,), generator=generator)]
+    bg, fg = (mean + COLOUR_STD * torch.randn(n, CHANNELS, 1, generator=generator) for mean in COLOUR_MEAN)
+    return (bg * (1 - m) + fg * m).view(n, *SHAPE)
+
+
+def calibration(scorer, train, held, repeats=5):
+    """What the toy metrics make of known image sets, each of the held-out pairs' size and labels, against the
+    teacher's training images -> [(name, metrics)]. A metric that behaves as FID does on CIFAR-10 ranks the
+    teacher's own images best (fresh sets of them give its noise), a mild blur of them far ahead of one mean image
+    per class, and images of the wrong shapes worst; the last row says whether that order holds."""
+    n, y, teacher = len(held["y"]), held["y"], held["x"]
+    g = torch.Generator().manual_seed(0)
+    rows = [("the teacher's held-out images", scorer(teacher, y, teacher))]
+    fresh = [scorer(s["x"], s["y"]) for s in (make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")
+                                              for k in range(repeats))]
+    fids = np.array([r["toy_fid"] for r in fresh])
+    rows.append((f"fresh teacher images, {repeats} sets: mean ({fids.min():.1f}-{fids.max():.1f}, std "
+                 f"{fids.std(ddof=1):.1f})", {"toy_fid": fids.mean(),
+                                              "toy_acc": np.mean([r["toy_acc"] for r in fresh])}))
+    for sigma in (0.5, 1.0):
+        rows.append((f"the teacher's images, Gaussian blur sigma {sigma:g} px", scorer(
+            soften(teacher, torch.full((n,), sigma)), y, teacher)))
+    rows.append(("the teacher's images, 3x3 box blur", scorer(
+        F.avg_pool2d(F.pad(teacher, (1, 1, 1, 1), mode="replicate"), 3, stride=1), y, teacher)))
+    means = torch.stack([train["x"][train["y"] == c].mean(0) for c in range(NUM_CLASSES)])
+    rows.append(("the class-mean image of each label", scorer(means[y], y, teacher)))
+    rows.append(("shapes of no class (ellipse, cross, frame, ...)", scorer(foreign_shapes(n, g), y)))
+    rows.append(("one class's shape for every label (discs)", scorer(draw(n, g, torch.zeros_like(y))[0], y)))
+    rule = (noise_rule_modes(held["z"], y) == modes_of(teacher, y)).float().mean()
+    rows.append(("a rule on the noise alone (noise_rule_modes)", {"toy_mode": float(rule)}))
+    # where shapes are: the toy FID sees how positions are distributed, not whether each is the teacher's
+    rows.append(("  the family at the teacher's images' positions", scorer(at_their_positions(teacher, y), y)))
+    centred = draw(n, g, y, torch.full((n,), CENTRE_MODE))[0]
+    rows.append(("  the family, every shape large and centred", scorer(centred, y, teacher)))
+    fid = {name: r["toy_fid"] for name, r in rows if "toy_fid" in r}
+    teacher_fid, blur, means, wrong = (fid[k] for k in ("the teacher's held-out images",
+                                                        "the teacher's images, Gaussian blur sigma 0.5 px",
+                                                        "the class-mean image of each label",
+                                                        "one class's shape for every label (discs)"))
+    holds = teacher_fid < blur < means / 2 and means < wrong
+    rows.append((f"FID's order, teacher < mild blur << class means < wrong shapes: {'holds' if holds else 'FAILS'}",
+                 {}))
+    return rows
+
 
 def main(argv=None):
     """The toy metric's calibration: what the teacher's own images, fresh teacher images (the metric's noise),
@@ -516,9 +683,18 @@ def main(argv=None):
                    "samples for the held-out noise to score beside the calibration")
     p.add_argument("--cfg-scale", type=float, nargs="+", help="guidance scales to score each --ckpt at (default: "
                    "its run's, the paper's 1.5); any number of them costs one conditional and one unconditional pass")
+    p.add_argument("--compare", metavar="OUT.png", help="instead of scoring, draw the toy teacher's images above each "
+                   "--ckpt's samples for the same noise and labels (at the first --cfg-scale)")
+    p.add_argument("--per-class", type=int, default=2, help="--compare: samples of each class per row")
     args = p.parse_args(argv)
     with exit_on_usage_error():
         check_number(args.repeats, "--repeats", low=2, integer=True)
+        common.positive_ints(args, "per_class")
+        if args.compare:
+            if not args.ckpt:
+                raise common.UsageError("--compare draws the toy teacher above students: name them with --ckpt.")
+            sample.image_format(args.compare, "--compare")
+            common.writable_file(args.compare, "--compare")
         for scale in args.cfg_scale or []:
             check_number(scale, "--cfg-scale", low=0)
         device = common.pick_device()
@@ -529,40 +705,32 @@ def main(argv=None):
                                         f"metrics score toy checkpoints (fid.py scores the others).")
             for scale in args.cfg_scale or []:
                 sample.guidance(cfg, scale)  # an unconditional run refuses guidance
+        if args.compare:
+            scale = (args.cfg_scale or [sample.guidance(models[0][2])[1]])[0]
+            names = ["%s (%d,%d,%d) seed %s, step %s" % (cfg.get("loss", ""), cfg["depth"], cfg["width"],
+                                                         cfg["heads"], cfg.get("seed", "?"), cfg["step"] or "?")
+                     for _, _, cfg in models]
+            save_comparison([(name, model) for name, (_, model, _) in zip(names, models)], args.compare, scale,
+                            args.per_class, device=device)
+            print(f"wrote {args.compare}: the toy teacher, then {', '.join(names)}, {args.per_class} per class, "
+                  f"CFG {scale:g}")
+            return
         train, held = load_pairs(common.CACHE_DIR, args.toy_pairs, args.holdout, args.toy_seed)
     scorer = Scorer(train["x"], common.CACHE_DIR)
-    n, rows, teacher = args.holdout, [], held["x"]
-    rows.append(("the teacher's held-out images", scorer(teacher, held["y"], teacher)))
-    fresh = [scorer(s["x"], s["y"]) for s in (make_pairs(n, 10_000 + k, desc=f"fresh set {k + 1}")
-                                              for k in range(args.repeats))]
-    fids = np.array([r["toy_fid"] for r in fresh])
-    rows.append((f"fresh teacher images, {args.repeats} sets: mean ({fids.min():.1f}-{fids.max():.1f}, std "
-                 f"{fids.std(ddof=1):.1f})",
-                 {"toy_fid": fids.mean(), "toy_acc": np.mean([r["toy_acc"] for r in fresh])}))
-    means = torch.stack([train["x"][train["y"] == c].mean(0) for c in range(NUM_CLASSES)])
-    rows.append(("the class-mean image of each label", scorer(means[held["y"]], held["y"], teacher)))
-    blurred = F.avg_pool2d(F.pad(teacher, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    rows.append(("the teacher's held-out images, 3x3 box blur", scorer(blurred, held["y"], teacher)))
-    rule = (noise_rule_modes(held["z"], held["y"]) == modes_of(teacher, held["y"])).float().mean()
-    rows.append(("a rule on the noise alone (noise_rule_modes)", {"toy_mode": float(rule)}))
-    # where shapes are: the toy FID sees how positions are distributed, not whether each is the teacher's
-    rows.append(("  the family at the teacher's images' positions", scorer(at_their_positions(teacher, held["y"]),
-                                                                            held["y"])))
-    centred = draw(n, torch.Generator().manual_seed(0), held["y"], torch.full((n,), CENTRE_MODE))[0]
-    rows.append(("  the family, every shape large and centred", scorer(centred, held["y"], teacher)))
-    centre_names = torch.stack([MODE_NAMES[c][CENTRE_MODE] for c in held["y"].tolist()])
+    n, y, teacher = args.holdout, held["y"], held["x"]
+    rows = calibration(scorer, train, held, args.repeats)
+    centre_names = torch.stack([MODE_NAMES[c][CENTRE_MODE] for c in y.tolist()])
     for path, model, cfg in models:
-        halves = sample.guidance_halves(model, held["z"], held["y"], device)  # made once for every scale
+        halves = sample.guidance_halves(model, held["z"], y, device)  # made once for every scale
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the run's folder names it
         for scale in args.cfg_scale or [sample.guidance(cfg)[1]]:
-            rows.append((f"{run} (step {cfg['step']}, CFG {scale:g})",  # as DiT.sample guides
-                         scorer(dit.guided(halves, scale), held["y"], teacher)))
-        best, metrics = scorer.tuned(model, halves, held["y"], device, teacher)
-        rows.append((f"{run} (step {cfg['step']}, its best CFG {best:g})", metrics))
+            rows.append((f"{run} (step {cfg['step']}, CFG {scale:g})", scorer(dit.guided(halves, scale), y, teacher)))
+        best = scorer.score_model(model, halves, y, teacher, 1.0, device)["cfg_best"]
         samples = dit.guided(halves, best)
-        centre = float((modes_of(samples, held["y"]) == centre_names).float().mean())
+        rows.append((f"{run} (step {cfg['step']}, its best CFG {best:g})", scorer(samples, y, teacher)))
+        centre = float((modes_of(samples, y) == centre_names).float().mean())
         rows.append((f"  the family at its positions ({centre:.0%} large, centred)",
-                     scorer(at_their_positions(samples, held["y"]), held["y"])))
+                     scorer(at_their_positions(samples, y), y)))
     print(f"toy metric ({n:,} images each, labels of the held-out pairs) against {len(train['x']):,} teacher "
           f"training images; teacher's mode: the fraction drawn in the teacher's shape position and size for the "
           f"same noise (chance {mode_chance():.1%}):")
