@@ -389,10 +389,11 @@ def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, devi
             seconds = timed(generate, device, repeats)
             peak_mib = peak_memory_mib(device)  # before matmul_rate below allocates its own operands
     median = statistics.median(seconds)
-    flops = dit.flops_per_image(model.depth, model.width, cfg=cfg_scale != 1)
+    flops = dit.flops_per_image(model.depth, model.width, cfg=cfg_scale != 1, mlp_ratio=model.mlp_ratio)
     compute_dtype = precision.autocast or precision.weights or torch.float32
     return {"mode": mode.name, "cfg_scale": cfg_scale, "design": [model.depth, model.width, model.heads],
-            "params": dit.param_count(model.depth, model.width), "device": str(device), "hardware": hardware(device),
+            "mlp_ratio": model.mlp_ratio, "params": dit.param_count(model.depth, model.width, model.mlp_ratio),
+            "device": str(device), "hardware": hardware(device),
             "torch": torch.__version__,
             "n": n, "batch": batch, "batches": batches, "repeats": repeats, "seconds": median,
             "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": n / median,
@@ -656,8 +657,9 @@ def benchmark(args, device, modes):
     or, with --onnx, the export and the trtexec command instead."""
     model, source, conditional, scales = resolve_model(args, device)
     d, w, h = model.depth, model.width, model.heads
-    print(f"DiT(d={d}, w={w}, h={h}), {source}: {dit.param_count(d, w):,} parameters, "
-          f"{dit.flops_per_image(d, w) / 1e9:.3f} GFLOP/image per pass (x2 with CFG)")
+    r = model.mlp_ratio
+    print(f"DiT(d={d}, w={w}, h={h}{f', mlp_ratio={r:g}' if r != 4 else ''}), {source}: {dit.param_count(d, w, r):,} "
+          f"parameters, {dit.flops_per_image(d, w, mlp_ratio=r) / 1e9:.3f} GFLOP/image per pass (x2 with CFG)")
     if args.onnx:
         err = export_onnx(model, args.onnx, args.batch, scales[0], args.opset, conditional)
         print(f"wrote {args.onnx}: batch {args.batch}, CFG {scales[0]:g} inside, adaLN folded; "

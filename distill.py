@@ -42,7 +42,7 @@ PAPER = dict(loss="lpips", batch=256, epochs=100, lr=1e-4, warmup=0, decay=0, gr
 TOY = dict(loss="toy-lpips", batch=16, steps=900, lr=3e-3, warmup=100, decay=400, grad_clip=1.0, log_every=50,
            eval_every=900)  # the quick start: about 4 minutes on 2 CPU cores
 # what defines a run besides its length: --resume refuses a change to any of these
-RECIPE_KEYS = ("depth", "width", "heads", "data", "toy_pairs", "toy_seed", "holdout", "loss", "lpips_net",
+RECIPE_KEYS = ("depth", "width", "heads", "mlp_ratio", "data", "toy_pairs", "toy_seed", "holdout", "loss", "lpips_net",
                "lpips_size", "batch", "lr", "warmup", "grad_clip", "weight_decay", "ema", "label_dropout", "seed")
 
 
@@ -51,6 +51,7 @@ def get_parser(method=None):
     design = method.default_design if method else (5, 64, 8)
     p, g = dit.design_parser(sys.modules[method.__module__].__doc__ if method else __doc__,
                              "model; default: the design (%d,%d,%d)" % design)
+    dit.add_mlp_ratio_flag(g)
     data.add_flags(p)
     g = p.add_argument_group("optimisation (paper, appendix C)")
     g.add_argument("--loss", choices=sorted(LOSSES), help="distillation loss (real: lpips; toy: toy-lpips, the toy "
@@ -73,7 +74,7 @@ def get_parser(method=None):
     g.add_argument("--label-dropout", type=float, default=0.1, help="label -> null class rate, for CFG")
     g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of init, data order, label dropout")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="output folder (default runs/d{d}w{w}h{h}_{loss})")
+    g.add_argument("--out", help="output folder (default runs/DESIGN_LOSS, e.g. runs/d5w64h8_toy-lpips)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (a finished run with the same "
                    "--steps: measure it again)")
     g.add_argument("--log-every", type=int, help="steps between log lines (real: 100; toy: 50)")
@@ -136,6 +137,7 @@ def resolve(args):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.depth, args.width, args.heads = dit.resolve_design(args, default=args.default_design)
+    dit.check_shape(args.depth, args.width, args.heads, args.mlp_ratio)
     common.positive_ints(args, "batch", "steps", "log_every", "eval_every", "holdout", "fid_every")
     if args.data == "toy":
         toy.check_sizes(args.toy_pairs, args.holdout, args.toy_seed)
@@ -153,7 +155,8 @@ def resolve(args):
     if args.lpips_size != 0:  # VGG pools four times before its last LPIPS layer: 32 pixels is the least
         check_number(args.lpips_size, "--lpips-size (0 keeps 32x32)", low=32, integer=True)
     prefix = "" if args.method == "distill" else args.method + "_"  # runs/ta_d5w64h8_l2 for ta.py
-    args.out = args.out or os.path.join("runs", f"{prefix}d{args.depth}w{args.width}h{args.heads}_{args.loss}")
+    design = dit.design_name(args.depth, args.width, args.heads, args.mlp_ratio)
+    args.out = args.out or os.path.join("runs", f"{prefix}{design}_{args.loss}")
     return args
 
 
@@ -283,8 +286,8 @@ def build_student(args, device, loss_fn, method=None, world=1, total_steps=None)
     """The student (seeded by --seed), its EMA copy, the method's module, AdamW over both, and the forward to
     call (compiled and/or DDP-wrapped) -> the namespace train_step runs on. total_steps matters only to --decay."""
     torch.manual_seed(args.seed)
-    model = dit.DiT(args.depth, args.width, args.heads).to(device)
-    ema = dit.DiT(args.depth, args.width, args.heads).to(device)
+    model = dit.DiT(args.depth, args.width, args.heads, args.mlp_ratio).to(device)
+    ema = dit.DiT(args.depth, args.width, args.heads, args.mlp_ratio).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
     # the method's module is built after the student, so its student starts exactly as distill.py's would
@@ -441,7 +444,8 @@ def train(args, method=None):
     loss_fn, lpips_net = build_loss(args, device)
     run = build_student(args, device, loss_fn, method, world, total_steps=total)
     step = resume(run, state, args, method, total, ckpt_path, device) if state else 0
-    config = dict(vars(args), param_count=dit.param_count(args.depth, args.width), total_steps=total, world=world)
+    config = dict(vars(args), param_count=dit.param_count(args.depth, args.width, args.mlp_ratio), total_steps=total,
+                  world=world)
     log("config: " + json.dumps(config, sort_keys=True))
     if state:
         log(f"resumed from {ckpt_path} at step {step}")

@@ -4,6 +4,7 @@ plain PyTorch), its exact parameter and FLOP counts, and the paper's design rule
 
     python dit.py --params 5M         # print the design the rules give for a budget
     python dit.py --d 5 --w 64 --h 8  # print parameters and GFLOP/image of a design
+    python dit.py --d 5 --w 64 --h 8,8,4,4,2 --mlp-ratio 2   # heads per block; a narrower MLP (paper: 4)
 
     from dit import DiT, design
     model = DiT(*design("0.42M"))              # (5, 64, 8): 421,068 parameters
@@ -32,16 +33,23 @@ CPU_HEAD_WIDTH = 16            # heads narrower than this are zero-padded to it 
 # ----------------------------------------------------------------------------------------------
 # Counting and design rules (DESIGN.md, sections 1 and 2)
 
-def param_count(d, w):
-    """All nn.Parameters, pos_embed included: P(d,w) = d(18w^2 + 15w) + 3w^2 + 296w + 12 + 256w."""
-    return d * (18 * w * w + 15 * w) + 3 * w * w + 296 * w + 12 + 256 * w
+def mlp_width(w, mlp_ratio=4):
+    """The MLP's hidden width m = int(r w) (DiT's rule; the paper's r = 4)."""
+    return int(mlp_ratio * w)
 
 
-def flops_per_image(d, w, cfg=False):
+def param_count(d, w, mlp_ratio=4):
+    """All nn.Parameters, pos_embed included: P(d,w) = d(10w^2 + 2wm + m + 11w) + 3w^2 + 296w + 12 + 256w,
+    m = mlp_width(w, r); with the paper's r = 4, d(18w^2 + 15w) + .... Heads change no count."""
+    m = mlp_width(w, mlp_ratio)
+    return d * (10 * w * w + 2 * w * m + m + 11 * w) + 3 * w * w + 296 * w + 12 + 256 * w
+
+
+def flops_per_image(d, w, cfg=False, mlp_ratio=4):
     """Forward FLOPs (2 per multiply-add) of one image, matmuls only:
-    2[d(12Tw^2 + 2T^2 w + 6w^2) + 24Tw + 3w^2 + 256w]; CFG runs two passes."""
-    T = TOKENS
-    macs = d * (12 * T * w * w + 2 * T * T * w + 6 * w * w) + 24 * T * w + 3 * w * w + FREQ_DIM * w
+    2[d(4Tw^2 + 2Twm + 2T^2 w + 6w^2) + 24Tw + 3w^2 + 256w] (r = 4: 12Tw^2 in the blocks); CFG runs two passes."""
+    T, m = TOKENS, mlp_width(w, mlp_ratio)
+    macs = d * (4 * T * w * w + 2 * T * w * m + 2 * T * T * w + 6 * w * w) + 24 * T * w + 3 * w * w + FREQ_DIM * w
     return 2 * macs * (2 if cfg else 1)
 
 
@@ -78,21 +86,41 @@ def design(params, tolerance=0.01):
                      f"{param_count(1, 4):,}")
 
 
-def check_shape(depth, width, heads):
+def heads_per_block(heads, depth):
+    """--h as given (one count for every block, or one per block) -> a tuple of depth head counts."""
+    return tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * depth
+
+
+def parse_heads(text):
+    """'8' -> 8; '8,8,4,4,2' -> [8, 8, 4, 4, 2] (one per block)."""
+    try:
+        counts = [int(v) for v in str(text).split(",")]
+    except ValueError:  # argparse prints it as the flag's error, exit code 2
+        raise argparse.ArgumentTypeError(f"{text!r}: write one head count (--h 8) or one per block (--h 8,8,4,4,2)")
+    return counts[0] if len(counts) == 1 else counts
+
+
+def check_shape(depth, width, heads, mlp_ratio=4):
     """A clear error (UsageError, a ValueError) for a design the model cannot build, instead of a shape crash
     deep in forward."""
     problems = []
+    if isinstance(heads, (list, tuple)) and len(heads) != depth:
+        raise UsageError(f"--h {','.join(map(str, heads))} names {len(heads)} head counts for {depth} blocks: give "
+                         f"one per block, or one for all.")
     if not 1 <= depth <= 256:
         problems.append(f"depth {depth} is outside 1..256")
     if not 4 <= width <= 8192 or width % 4:
         problems.append(f"width {width} must be a multiple of 4 in 4..8192 (the 2-D sin-cos position "
                         f"embedding splits it in four)")
-    if heads < 1 or width % heads:
-        problems.append(f"width {width} is not divisible by heads {heads}; heads must divide the width, "
-                        f"e.g. --h {rule_heads(width) if width >= 1 else 1} (the design rule's choice)")
+    for h in sorted(set(heads_per_block(heads, max(depth, 1)))):
+        if h < 1 or width % h:
+            problems.append(f"width {width} is not divisible by heads {h}; heads must divide the width, "
+                            f"e.g. --h {rule_heads(width) if width >= 1 else 1} (the design rule's choice)")
+    if not (mlp_ratio > 0 and mlp_width(width, mlp_ratio) >= 1):
+        problems.append(f"--mlp-ratio {mlp_ratio} gives no MLP width: it must be positive (the paper's is 4)")
     if problems:
-        raise UsageError("cannot build DiT(depth=%d, width=%d, heads=%d): %s." % (depth, width, heads,
-                                                                                 "; ".join(problems)))
+        raise UsageError(f"cannot build DiT(depth={depth}, width={width}, heads={heads}, mlp_ratio={mlp_ratio:g}): "
+                         f"{'; '.join(problems)}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,13 +186,13 @@ class Block(nn.Module):
     """Pre-norm transformer block with adaLN-Zero: the class vector c sets shift/scale/gate of both
     sub-layers; gates start at zero so every block starts as the identity."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, mlp_hidden):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c):
@@ -186,15 +214,20 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    def __init__(self, depth=5, width=64, heads=8, num_classes=NUM_CLASSES):
+    """heads: one count for every block, or a list of one per block; mlp_ratio: the MLP's hidden width over w."""
+
+    def __init__(self, depth=5, width=64, heads=8, mlp_ratio=4, num_classes=NUM_CLASSES):
         super().__init__()
-        check_shape(depth, width, heads)
-        self.depth, self.width, self.heads, self.num_classes = depth, width, heads, num_classes
+        check_shape(depth, width, heads, mlp_ratio)
+        self.depth, self.width, self.num_classes = depth, width, num_classes
+        self.heads = list(heads) if isinstance(heads, (list, tuple)) else heads  # as given: int, or per block
+        self.mlp_ratio = mlp_ratio
         self.x_embedder = nn.Conv2d(CHANNELS, width, kernel_size=PATCH, stride=PATCH)  # "PatchEmbed"
         self.t_embedder = TimestepEmbedder(width)
         self.y_embedder = nn.Embedding(num_classes + 1, width)  # last row: the CFG null class
         self.pos_embed = nn.Parameter(torch.zeros(1, TOKENS, width), requires_grad=False)
-        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(width, h, mlp_width(width, mlp_ratio))
+                                     for h in heads_per_block(heads, depth)])
         self.final_layer = FinalLayer(width)
         self.register_buffer("t", torch.tensor([STUDENT_T]), persistent=False)
         self.initialize_weights()
@@ -278,7 +311,8 @@ def design_parser(doc, title="model"):
     g = parser.add_argument_group(title)
     g.add_argument("--d", "--depth", dest="depth", type=int, help="DiT blocks")
     g.add_argument("--w", "--width", dest="width", type=int, help="embedding width")
-    g.add_argument("--h", "--heads", dest="heads", type=int, help="attention heads (default: the design rule's)")
+    g.add_argument("--h", "--heads", dest="heads", type=parse_heads, help="attention heads, one count or one per "
+                   "block (8,8,4,4,2); default: the design rule's")
     g.add_argument("--params", help="parameter budget (0.42M, 2.2M, 5M): (d,w,h) by the paper's rules")
     return parser, g
 
@@ -303,12 +337,26 @@ def resolve_design(args, default=None):
     return d, w, h
 
 
+def add_mlp_ratio_flag(group):
+    group.add_argument("--mlp-ratio", type=float, default=4.0, help="MLP hidden width over the model width (paper: 4)")
+
+
+def design_name(d, w, h, mlp_ratio=4):
+    """A design's short name, as in run folders: d5w64h8, d5w64h8-8-4-4-2, d5w64h8r2."""
+    heads = "-".join(map(str, h)) if isinstance(h, (list, tuple)) else str(h)
+    return f"d{d}w{w}h{heads}" + (f"r{mlp_ratio:g}" if mlp_ratio != 4 else "")
+
+
 def main(argv=None):
-    parser, _ = design_parser(__doc__)
+    parser, group = design_parser(__doc__)
+    add_mlp_ratio_flag(group)
     with exit_on_usage_error():
-        d, w, h = resolve_design(parser.parse_args(argv))
-    print(f"DiT(d={d}, w={w}, h={h}): {param_count(d, w):,} parameters, "
-          f"{flops_per_image(d, w) / 1e9:.3f} GFLOP/image (x2 with CFG)")
+        args = parser.parse_args(argv)
+        d, w, h = resolve_design(args)
+        check_shape(d, w, h, args.mlp_ratio)
+    r = args.mlp_ratio
+    print(f"DiT(d={d}, w={w}, h={h}{f', mlp_ratio={r:g}' if r != 4 else ''}): {param_count(d, w, r):,} parameters, "
+          f"{flops_per_image(d, w, mlp_ratio=r) / 1e9:.3f} GFLOP/image (x2 with CFG)")
 
 
 if __name__ == "__main__":

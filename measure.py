@@ -130,7 +130,8 @@ class Evaluator:
                                             device=self.device, progress=sys.stderr.isatty(),
                                             conditional=args.conditional))
         record = {"step": step, "ema": metrics, **self.baselines, "param_count": args.param_count,
-                  "design": [args.depth, args.width, args.heads], "loss": args.loss, "method": args.method,
+                  "design": [args.depth, args.width, args.heads],
+                  "mlp_ratio": args.mlp_ratio, "loss": args.loss, "method": args.method,
                   "data": args.data, "conditional": args.conditional,
                   **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
                       "fid_cfg_scale": args.cfg_scale} if "fid" in metrics else {}),

@@ -29,7 +29,7 @@ def load_model(path, device="cpu", weights="ema", flag="--ckpt"):
     state = load_torch_file(path, what, flag)
     try:
         cfg = dict(state["config"], step=state.get("step"))
-        model = dit.DiT(cfg["depth"], cfg["width"], cfg["heads"])
+        model = dit.DiT(cfg["depth"], cfg["width"], cfg["heads"], cfg.get("mlp_ratio", 4))
         model.load_state_dict(state[weights])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise UsageError(f"{flag} {path} is not {what} ({type(e).__name__}: {str(e)[:200]}).")

@@ -210,6 +210,43 @@ def test_dit_flop_count_matches_torch_counter(d, w, h, cfg_scale):
     assert dit.flops_per_image(d, w, cfg=True) == 2 * dit.flops_per_image(d, w)
 
 
+@pytest.mark.parametrize("mlp_ratio", [2, 1.5, 4])
+def test_dit_mlp_ratio_counts_are_exact(mlp_ratio):
+    """--mlp-ratio r: the MLP's hidden width int(r w); param_count and flops_per_image count it exactly."""
+    d, w = 3, 32
+    model = dit.DiT(d, w, 4, mlp_ratio)
+    assert model.blocks[0].mlp[0].out_features == int(mlp_ratio * w)
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == dit.param_count(d, w, mlp_ratio), f"param_count({d}, {w}, {mlp_ratio}) is not the model's count"
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    z, y = torch.randn(2, 3, 32, 32), torch.arange(2)
+    assert counted_flops(lambda: model(z, y)) == 2 * dit.flops_per_image(d, w, mlp_ratio=mlp_ratio)
+    assert (dit.param_count(d, w, 4), dit.flops_per_image(d, w, mlp_ratio=4)) == (dit.param_count(d, w),
+                                                                                   dit.flops_per_image(d, w))
+
+
+def test_dit_heads_per_block_change_attention_not_counts():
+    """--h 8,8,4,4,2: each block's attention has its own head count; parameters and FLOPs are those of --h 8."""
+    model = dit.DiT(5, 64, [8, 8, 4, 4, 2])
+    assert [b.attn.heads for b in model.blocks] == [8, 8, 4, 4, 2] and model.heads == [8, 8, 4, 4, 2]
+    assert sum(p.numel() for p in model.parameters()) == dit.param_count(5, 64) == 421_068
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    z, y = torch.randn(2, 3, 32, 32), torch.arange(2)
+    assert counted_flops(lambda: model(z, y)) == 2 * dit.flops_per_image(5, 64)
+    uniform = dit.DiT(5, 64, 8)
+    uniform.load_state_dict(model.state_dict())  # the same weights: only the split into heads differs
+    assert not torch.allclose(model(z, y), uniform(z, y))
+    assert dit.parse_heads("8") == 8 and dit.parse_heads("8,4") == [8, 4]
+    assert dit.design_name(5, 64, [8, 4, 4, 2, 2], 2) == "d5w64h8-4-4-2-2r2" and dit.design_name(5, 64, 8) == "d5w64h8"
+    for heads, ratio, phrase in [([8, 4], 4, "2 head counts for 5 blocks"), ([8, 8, 8, 8, 5], 4, "by heads 5"),
+                                 (8, 0, "--mlp-ratio 0")]:
+        with pytest.raises(ValueError, match=phrase):
+            dit.DiT(5, 64, heads, ratio)
+
+
 def test_dit_forward_hidden_decode_and_cfg():
     torch.manual_seed(0)
     model = dit.DiT(3, 32, 4)
@@ -290,7 +327,7 @@ def block_by_hand(block, x, c):
 
 def test_a1_block_applies_gated_residuals_in_ditS_order():
     torch.manual_seed(0)
-    block = random_modulation(dit.Block(16, 4))
+    block = random_modulation(dit.Block(16, 4, 64))
     x, c = torch.randn(2, 256, 16), torch.randn(2, 16)
     got = block(x, c)
     assert got.shape == x.shape, f"a block maps tokens [B,T,w] to [B,T,w], got {tuple(got.shape)}"
@@ -811,6 +848,22 @@ def test_distill_tiny_overfit_lowers_loss(cache, tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_distill_trains_heads_per_block_and_an_mlp_ratio_and_sample_loads_them(cache, tmp_path):
+    distill.main(train_args(cache, tmp_path, "--d", "3", "--w", "32", "--h", "4,2,1", "--mlp-ratio", "2",
+                            "--steps", "2"))
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["design"] == [3, 32, [4, 2, 1]] and record["mlp_ratio"] == 2
+    assert record["param_count"] == dit.param_count(3, 32, 2) < dit.param_count(3, 32)
+    model, cfg = sample.load_model(str(tmp_path / "ckpt.pt"))
+    assert [b.attn.heads for b in model.blocks] == [4, 2, 1] and model.blocks[0].mlp[0].out_features == 64
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "g.png"), "--per-class", "1",
+                 "--device", "cpu"])
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as stop:  # a run's knobs are its recipe: --resume refuses another
+        distill.main(train_args(cache, tmp_path, "--d", "3", "--w", "32", "--h", "4,2,1", "--steps", "4", "--resume"))
+    assert stop.value.code == 2
+
+
 def test_distill_warmup_ramps_the_rate_and_grad_clip_bounds_the_norm(cache, tmp_path):
     args = distill.resolve(distill.get_parser().parse_args(train_args(
         cache, tmp_path, "--steps", "1", "--loss", "l2", "--lr", "1e-3", "--warmup", "4", "--grad-clip", "0.01",
@@ -1049,7 +1102,7 @@ def test_sample_grid_and_npz(cache, tmp_path, capsys):
         toy.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--compare",
                   str(tmp_path / "c.png"), "--per-class", "1"])
     assert Image.open(tmp_path / "c.png").size[0] > 10 * 32 and drawn[0][1].tolist() == list(range(10))
-    assert "toy-lpips (2,32,4) seed 0, step 2" in capsys.readouterr().out  # a row says which run and how far it trained
+    assert "toy-lpips d2w32h4 seed 0, step 2" in capsys.readouterr().out  # a row says which run and how far it trained
     with pytest.raises(SystemExit):  # a grid samples one checkpoint
         sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x.png")])
 

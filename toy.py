@@ -707,9 +707,9 @@ def main(argv=None):
                 sample.guidance(cfg, scale)  # an unconditional run refuses guidance
         if args.compare:
             scale = (args.cfg_scale or [sample.guidance(models[0][2])[1]])[0]
-            names = ["%s (%d,%d,%d) seed %s, step %s" % (cfg.get("loss", ""), cfg["depth"], cfg["width"],
-                                                         cfg["heads"], cfg.get("seed", "?"), cfg["step"] or "?")
-                     for _, _, cfg in models]
+            names = ["%s %s seed %s, step %s" % (
+                cfg.get("loss", ""), dit.design_name(cfg["depth"], cfg["width"], cfg["heads"], cfg.get("mlp_ratio", 4)),
+                cfg.get("seed", "?"), cfg["step"] or "?") for _, _, cfg in models]
             save_comparison([(name, model) for name, (_, model, _) in zip(names, models)], args.compare, scale,
                             args.per_class, device=device)
             print(f"wrote {args.compare}: the toy teacher, then {', '.join(names)}, {args.per_class} per class, "
