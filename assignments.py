@@ -210,13 +210,13 @@ def grade_table1(records):
         if r.get("loss") != loss or wrong:
             return (f"table1/{loss} was not trained as asked (the quick start's command with --loss {loss}, to the "
                     f"end): loss {r.get('loss')}{', ' + wrong if wrong else ''}")
-    fid = {loss: r["ema"]["toy_fid_best"] for loss, r in runs.items()}
     class_mean = runs["toy-lpips"]["class_mean"]["toy_fid"]
-    if fid["toy-lpips"] > TABLE1_MAX_RATIO * class_mean:
-        return (f"toy-lpips scores toy FID {fid['toy-lpips']:.1f}, above {TABLE1_MAX_RATIO} x the class means' "
-                f"{class_mean:.1f}: was it trained to the end with the quick start's recipe?")
-    if not fid["toy-lpips"] < min(fid["l1"], fid["l2"]):
-        return f"toy-lpips ({fid['toy-lpips']:.1f}) should beat L1 ({fid['l1']:.1f}) and L2 ({fid['l2']:.1f})"
+    for loss, r in runs.items():
+        if r["ema"]["toy_fid_best"] > TABLE1_MAX_RATIO * class_mean:
+            return (f"{loss} scores toy FID {r['ema']['toy_fid_best']:.1f}, above {TABLE1_MAX_RATIO} x the class "
+                    f"means' {class_mean:.1f}: was it trained to the end with the quick start's recipe?")
+    if not os.path.isfile(os.path.join(records, "table1", "WRITEUP.md")):
+        return f"no {records}/table1/WRITEUP.md (the table and the paragraph ASSIGNMENTS.md asks for)"
     return ""
 
 
@@ -245,7 +245,7 @@ def grade_tradeoff(records):
     return ""
 
 
-TABLE1_MAX_RATIO = 0.9  # of the class means' toy FID; the quick start's own ratio is in the README
+TABLE1_MAX_RATIO = 0.9  # of the class means' toy FID; measured at seed 0: L1 0.78, L2 0.41, toy LPIPS 0.67
 
 
 def grade(repo, chosen, records):

@@ -2078,8 +2078,8 @@ def test_assignments_make_a_student_copy_and_grade_names_the_failing_test(tmp_pa
 
 
 def test_assignments_grade_table1_from_the_handed_in_records(tmp_path):
-    """Assignment 10 passes only for the quick start's recipe run to the end with each loss, the toy LPIPS run
-    beating L1 and L2 and the class means clearly."""
+    """Assignment 10 passes only for the quick start's recipe run to the end with each loss, each run clearly
+    better than the class means (which loss wins is the student's finding, not graded)."""
     def hand_in(fids, **change):
         for loss, fid in fids.items():
             record = dict(assignments.quick_start_recipe(), loss=loss, ema={"toy_fid_best": fid},
@@ -2087,12 +2087,15 @@ def test_assignments_grade_table1_from_the_handed_in_records(tmp_path):
             os.makedirs(tmp_path / "table1" / loss, exist_ok=True)
             common.write_json(str(tmp_path / "table1" / loss / "results.json"), record)
     assert assignments.grade_table1(str(tmp_path)) is None  # not handed in
-    hand_in({"l1": 300.0, "l2": 250.0, "toy-lpips": 100.0})
+    hand_in({"l1": 150.0, "l2": 120.0, "toy-lpips": 100.0})
+    assert "no " + str(tmp_path) + "/table1/WRITEUP.md" in assignments.grade_table1(str(tmp_path))
+    (tmp_path / "table1" / "WRITEUP.md").write_text("L2 wins on toy FID, the toy LPIPS on accuracy, because ...")
     assert assignments.grade_table1(str(tmp_path)) == ""
-    hand_in({"l2": 150.0, "toy-lpips": 170.0})
-    assert "should beat L1" in assignments.grade_table1(str(tmp_path))
-    hand_in({"toy-lpips": 190.0})
-    assert "above 0.9 x the class means'" in assignments.grade_table1(str(tmp_path))
+    hand_in({"l2": 80.0, "toy-lpips": 170.0})  # L2 beating the toy LPIPS is a finding, not a fault
+    assert assignments.grade_table1(str(tmp_path)) == ""
+    hand_in({"l1": 190.0})
+    assert "l1 scores toy FID 190.0, above 0.9 x the class means'" in assignments.grade_table1(str(tmp_path))
+    hand_in({"l1": 100.0})
     hand_in({"toy-lpips": 100.0}, step=10)
     assert "was not trained as asked" in assignments.grade_table1(str(tmp_path))
 
