@@ -137,7 +137,6 @@ def resolve(args):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.depth, args.width, args.heads = dit.resolve_design(args, default=args.default_design)
-    dit.check_shape(args.depth, args.width, args.heads, args.mlp_ratio)
     common.positive_ints(args, "batch", "steps", "log_every", "eval_every", "holdout", "fid_every")
     if args.data == "toy":
         toy.check_sizes(args.toy_pairs, args.holdout, args.toy_seed)

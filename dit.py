@@ -323,8 +323,8 @@ def resolve_design(args, default=None):
     if args.params is not None and (args.depth, args.width, args.heads) != (None, None, None):
         raise UsageError("give --params BUDGET or --d/--w/--h, not both.")
     if args.params is not None:
-        return design(args.params)
-    if args.depth is None and args.width is None:
+        d, w, h = design(args.params)
+    elif args.depth is None and args.width is None:
         if default is None:
             raise UsageError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS].")
         d, w, h = default[0], default[1], args.heads if args.heads is not None else default[2]
@@ -333,7 +333,7 @@ def resolve_design(args, default=None):
     else:
         d, w = args.depth, args.width
         h = args.heads if args.heads is not None else rule_heads(w) if w >= 1 else 1
-    check_shape(d, w, h)
+    check_shape(d, w, h, getattr(args, "mlp_ratio", 4))  # the scripts with --mlp-ratio check it here too
     return d, w, h
 
 
@@ -353,7 +353,6 @@ def main(argv=None):
     with exit_on_usage_error():
         args = parser.parse_args(argv)
         d, w, h = resolve_design(args)
-        check_shape(d, w, h, args.mlp_ratio)
     r = args.mlp_ratio
     print(f"DiT(d={d}, w={w}, h={h}{f', mlp_ratio={r:g}' if r != 4 else ''}): {param_count(d, w, r):,} parameters, "
           f"{flops_per_image(d, w, mlp_ratio=r) / 1e9:.3f} GFLOP/image (x2 with CFG)")
