@@ -6,6 +6,7 @@ design-space sweep (Tables 2, 5, 6): every design timed (study.py joins quality 
     python bench.py --params 5M --modes bf16-weights+lut+compile+graph   # the fastest CUDA mode alone
     python bench.py --ckpt runs/d5w64h8_toy-lpips/ckpt.pt --device cpu --threads 2 --n 1024
     python bench.py --sweep --json sweep.json           # Table 6's designs; then python study.py --timings sweep.json
+    python bench.py --pick --max-params 5M --max-ms 20 --device cpu   # the best design for this device (pick.py)
     python bench.py --params 5M --onnx dit5m.onnx       # Jetson: export, then time it with the printed trtexec
     python bench.py --params 5M --train                 # distill.py's training step (LPIPS-VGG at 224): img/s
     python bench.py --loader /data/EDM-Cond-CIFAR       # distill.py's batches from GET's pairs: ms per batch, memory
@@ -25,6 +26,7 @@ import copy
 import importlib.util
 import inspect
 import itertools
+import json
 import math
 import os
 import statistics
@@ -37,6 +39,7 @@ import torch.nn as nn
 
 import common
 import dit
+import pick
 import sample
 from common import (UsageError, check_number, compile_problem, exit_on_usage_error, hardware, pick_device,
                     positive_ints, writable_file, write_json)
@@ -44,6 +47,7 @@ from common import (UsageError, check_number, compile_problem, exit_on_usage_err
 
 def get_parser():
     p, g = dit.design_parser(__doc__, "model (default: the paper's 5M design (7,192,12)); random weights unless --ckpt")
+    dit.add_mlp_ratio_flag(g)
     g.add_argument("--ckpt", help="time a trained checkpoint's EMA weights instead")
     g = p.add_argument_group("timing")
     g.add_argument("--n", type=int, help="images per repeat (default 50,000; a CPU --sweep: 256, extrapolated)")
@@ -55,8 +59,10 @@ def get_parser():
                    "(default: a set per device; --sweep: the device's fastest)")
     g.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (default: max-autotune on "
                    "CUDA, max-autotune-no-cudagraphs with +graph; default on CPU)")
-    g.add_argument("--repeats", type=int, default=5, help="timed repeats of all n images; the median is reported")
-    g.add_argument("--warmup", type=int, default=3, help="untimed batches after the accuracy check")
+    g.add_argument("--repeats", type=int, help="timed repeats of all n images; the median is reported (default 5; "
+                   "--pick on a CPU: 3)")
+    g.add_argument("--warmup", type=int, help="untimed batches after the accuracy check (default 3; --pick on a "
+                   "CPU: 1)")
     g.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="seed (>= 0) of the random weights and the noise")
@@ -64,7 +70,14 @@ def get_parser():
                    "--sweep's)")
     g = p.add_argument_group("design-space sweep (Tables 2 and 6, Figure 4)")
     g.add_argument("--sweep", action="store_true", help="time every design of Table 6 (Table 2's rows included)")
-    g.add_argument("--designs", nargs="+", help="time these D,W,H designs instead of Table 6's, e.g. 5,64,8 7,128,8")
+    g.add_argument("--designs", nargs="+", help="time these designs instead of Table 6's: D,W,H or a run folder's "
+                   "name, e.g. 5,64,8 7,128,8 d5w64h8-8-4-4-2 d6w64h8r2")
+    g = p.add_argument_group("the best design for this device (pick.py says how candidates are chosen)")
+    g.add_argument("--pick", action="store_true", help="time every candidate design within --max-params (timings "
+                   "cached on disk per device, design and torch version; default mode: the device's fastest without "
+                   "compile; on a CPU 128 images, 3 repeats), print the table and the Pareto front, and pick")
+    g.add_argument("--max-params", help="--pick: the parameter budget, e.g. 5M, 2.2M, 500k")
+    g.add_argument("--max-ms", type=float, help="--pick: the latency budget, ms per image at batch 128, CFG 1.5")
     g = p.add_argument_group("training throughput: distill.py's own step (forward, loss, backward, AdamW, EMA)")
     g.add_argument("--train", action="store_true", help="time training steps of the design on random pairs instead "
                    "of sampling; modes fp32, bf16 (autocast), each optionally +compile; --repeats steps are timed")
@@ -223,10 +236,10 @@ class Generator(nn.Module):
             return self.net.sample(z.to(self.dtype), y, self.cfg_scale).float()
 
 
-def random_dit(depth, width, heads, seed=0):
+def random_dit(depth, width, heads, mlp_ratio=4, seed=0):
     """A DiT with random weights at a trained model's scale (std 1/sqrt(fan_in), biases 0.02). DiT's
     adaLN-Zero init makes an untrained model output exactly 0, which every mode would 'match'."""
-    model = dit.DiT(depth, width, heads)
+    model = dit.DiT(depth, width, heads, mlp_ratio)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -346,8 +359,8 @@ def build(model, mode, cfg_scale, batch, device, compile_mode=None, conditional=
 def latency(model_or_dhw, n=PER_50K, batch=128, mode="fp32", cfg_scale=1.5, device=None, repeats=5, warmup=3,
             compile_mode=None, seed=0, conditional=True):
     """Generate n images (ceil(n/batch) full batches) `repeats` times in a mode; returns a dict of the
-    measurements. model_or_dhw: a dit.DiT (e.g. sample.load_model's) or (depth, width, heads) for random
-    weights; conditional=False samples the null class (a model trained on unconditional pairs). The mode's
+    measurements. model_or_dhw: a dit.DiT (e.g. sample.load_model's) or (depth, width, heads[, mlp_ratio]) for
+    random weights; conditional=False samples the null class (a model trained on unconditional pairs). The mode's
     images on one batch are first compared with the plain fp32 model's (AccuracyError beyond its tolerance).
     Leaves the model's weights unchanged (it is moved to the device)."""
     device = pick_device(str(device) if device else None)
@@ -445,7 +458,7 @@ def trtexec_command(path, precision="fp16"):
 def sweep(args, device, modes):
     """Every design (Table 6's, or --designs) in every mode -> rows (latency's dict plus the design's name and
     the paper's Jetson latency and FID), one printed line each."""
-    paper = {(r.depth, r.width, r.heads): r for r in TABLE6}
+    paper = {(r.depth, r.width, r.heads, 4): r for r in TABLE6}
     chosen = [parse_design(text) for text in args.designs] if args.designs else list(paper)
     cfg_scale = (args.cfg_scale or [sample.PAPER_CFG])[0]  # random weights: class-conditional, the paper's CFG
     print(f"{hardware(device)}, torch {torch.__version__}; {args.n:,} images per design at batch {args.batch}, "
@@ -453,15 +466,63 @@ def sweep(args, device, modes):
           f"{' (extrapolated)' if args.n != PER_50K else ''}")
     rows = []
     for d in chosen:
-        design = paper.get(d, PaperRow("", "", *d, None, None))
+        design = paper.get(d) if isinstance(d[2], int) else None
         for mode in modes:
             r = latency(d, args.n, args.batch, mode, cfg_scale, device, args.repeats, args.warmup, args.compile_mode,
                         args.seed)
-            rows.append(dict(r, name=f"{design.budget} {design.name}".strip(), jetson_s=design.jetson_s,
-                             paper_fid=design.fid))
-            print(f"({d[0]},{d[1]},{d[2]}) {mode}: {r['images_per_s']:,.1f} img/s, {r['seconds_per_50k']:,.1f} s per "
-                  f"50k" + (f" (paper, Jetson Orin: {design.jetson_s} s)" if design.jetson_s else ""), flush=True)
+            rows.append(dict(r, name=f"{design.budget} {design.name}" if design else "",
+                             jetson_s=design and design.jetson_s, paper_fid=design and design.fid))
+            print(f"{dit.design_name(*d)} {mode}: {r['images_per_s']:,.1f} img/s, {r['seconds_per_50k']:,.1f} s per "
+                  f"50k" + (f" (paper, Jetson Orin: {design.jetson_s} s)" if design else ""), flush=True)
     return rows
+
+
+def timings_cache():
+    """Where --pick keeps its timings: a JSON of {setting and design: {ms_per_image, params}} in the cache folder
+    (common.CACHE_DIR); the setting names the mode, batch, CFG, repeats, images, device (threads included) and
+    torch version, so a timing is reused only where all of them are the same."""
+    return os.path.join(common.CACHE_DIR, "latency_cache.json")
+
+
+def pick_design(args, device, modes):
+    """Every candidate of pick.candidates timed (or read from the cache), then pick.report's table and pick line."""
+    max_params = dit.parse_params(args.max_params)
+    cands = pick.candidates(max_params, [(r.depth, r.width, r.heads) for r in TABLE6], args.mlp_ratio)
+    if not cands:
+        raise UsageError(f"no candidate design has at most {max_params:,} parameters: the smallest rules' design, "
+                         f"(4, {pick.MIN_WIDTH}, {dit.rule_heads(pick.MIN_WIDTH)}), has "
+                         f"{dit.param_count(4, pick.MIN_WIDTH, args.mlp_ratio):,}. Raise --max-params.")
+    cfg_scale = (args.cfg_scale or [sample.PAPER_CFG])[0]
+    setting = (f"{modes[0]} mode, batch {args.batch}, CFG {cfg_scale:g}, median of {args.repeats} x {args.n:,} "
+               f"images, on {hardware(device)}, torch {torch.__version__}")
+    path = timings_cache()
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except FileNotFoundError:
+        cache = {}
+    except (OSError, ValueError) as e:
+        print(f"note: the timings cache {path} is unreadable ({e}); timing every candidate again")
+        cache = {}
+    def flops(c):
+        return dit.flops_per_image(c.depth, c.width, cfg=cfg_scale != 1, mlp_ratio=c.mlp_ratio)
+    key = {pick.name(c): f"{setting}, {pick.name(c)}" for c in cands}
+    to_time = [c for c in cands if key[pick.name(c)] not in cache]
+    left, spent, done = sum(map(flops, to_time)), 0.0, 0  # the ETA scales the seconds per FLOP so far
+    print(f"{len(cands)} candidates, {len(cands) - len(to_time)} in the cache {path}; {setting}")
+    for k, c in enumerate(to_time, 1):
+        t0 = time.perf_counter()
+        r = latency((c.depth, c.width, c.heads, c.mlp_ratio), args.n, args.batch, modes[0], cfg_scale, device,
+                    args.repeats, args.warmup, args.compile_mode, args.seed)
+        cache[key[pick.name(c)]] = {"ms_per_image": r["seconds"] / args.n * 1e3, "params": r["params"]}
+        common.write_json(path, cache)  # after each: an interrupted --pick keeps what it timed
+        spent, done, left = spent + time.perf_counter() - t0, done + flops(c), left - flops(c)
+        print(f"[{k}/{len(to_time)}] {pick.name(c)}: {cache[key[pick.name(c)]]['ms_per_image']:.3f} ms per image; "
+              f"ETA {spent / done * left:.0f} s", flush=True)
+    ms = {name: cache[k]["ms_per_image"] for name, k in key.items()}
+    best = pick.report(cands, ms, max_params, args.max_ms, setting)
+    return [dict(design=[best.depth, best.width, best.heads], mlp_ratio=best.mlp_ratio, params=best.params,
+                 ms_per_image=ms[pick.name(best)], setting=setting)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +536,9 @@ def train_throughput(args, device, modes):
     over --repeats steps after --warmup, images/s, and the time 100 epochs of 1M pairs would take."""
     import distill  # only here: sampling benchmarks need no trainer
     d, w, h = dit.resolve_design(args, default=dit.design("5M"))
-    print(f"training DiT(d={d}, w={w}, h={h}), {dit.param_count(d, w):,} parameters, loss {args.loss}"
+    r = args.mlp_ratio
+    print(f"training DiT(d={d}, w={w}, h={h}{f', mlp_ratio={r:g}' if r != 4 else ''}), {dit.param_count(d, w, r):,} "
+          f"parameters, loss {args.loss}"
           + (f" at {args.lpips_size}x{args.lpips_size}" if args.loss == "lpips" and args.lpips_size else "")
           + f"; {hardware(device)}, torch {torch.__version__}; batch {args.batch}, median of {args.repeats} steps "
           f"after {args.warmup}")
@@ -487,9 +550,10 @@ def train_throughput(args, device, modes):
     y = torch.randint(0, dit.NUM_CLASSES, (args.batch,), generator=g).to(device)
     measured = []
     for mode in modes:
-        flags = ["--d", str(d), "--w", str(w), "--h", str(h), "--loss", args.loss, "--lpips-size",
-                 str(args.lpips_size), "--lpips-backbone", "random", "--batch", str(args.batch), "--seed",
-                 str(args.seed), "--dtype", mode.split("+")[0], "--decay", "0"]  # every step at one rate
+        heads = ",".join(map(str, dit.heads_per_block(h, d)))
+        flags = ["--d", str(d), "--w", str(w), "--h", heads, "--mlp-ratio", str(r), "--loss", args.loss,
+                 "--lpips-size", str(args.lpips_size), "--lpips-backbone", "random", "--batch", str(args.batch),
+                 "--seed", str(args.seed), "--dtype", mode.split("+")[0], "--decay", "0"]  # every step at one rate
         flags += ["--compile"] if "+compile" in mode else []
         train_args = distill.resolve(distill.get_parser().parse_args(flags))
         run = distill.build_student(train_args, device, distill.build_loss(train_args, device)[0])
@@ -507,15 +571,15 @@ def train_throughput(args, device, modes):
         if not math.isfinite(loss):
             raise AccuracyError(f"mode {mode}: the training loss is {loss}; it was not timed.")
         median = statistics.median(seconds)
-        r = {"mode": mode, "train": True, "design": [d, w, h], "params": dit.param_count(d, w), "loss": args.loss,
-             "lpips_size": args.lpips_size, "batch": args.batch, "device": str(device), "hardware": hardware(device),
-             "torch": torch.__version__, "repeats": args.repeats, "seconds_per_step": median,
-             "seconds_min": min(seconds), "seconds_max": max(seconds), "images_per_s": args.batch / median,
-             "peak_mib": peak_memory_mib(device), "setup_s": setup_s,
-             "paper_training_hours": PAPER_EPOCHS * PAPER_PAIRS / (args.batch / median) / 3600}
-        measured.append(r)
-        print(f"| {mode} | {median:.3f} ({min(seconds):.3f}-{max(seconds):.3f}) | {r['images_per_s']:,.1f} | "
-              f"{r['peak_mib']:.0f} | {setup_s:.1f} | {r['paper_training_hours']:,.1f} h |", flush=True)
+        row = {"mode": mode, "train": True, "design": [d, w, h], "mlp_ratio": r, "params": dit.param_count(d, w, r),
+               "loss": args.loss, "lpips_size": args.lpips_size, "batch": args.batch, "device": str(device),
+               "hardware": hardware(device), "torch": torch.__version__, "repeats": args.repeats,
+               "seconds_per_step": median, "seconds_min": min(seconds), "seconds_max": max(seconds),
+               "images_per_s": args.batch / median, "peak_mib": peak_memory_mib(device), "setup_s": setup_s,
+               "paper_training_hours": PAPER_EPOCHS * PAPER_PAIRS / (args.batch / median) / 3600}
+        measured.append(row)
+        print(f"| {mode} | {median:.3f} ({min(seconds):.3f}-{max(seconds):.3f}) | {row['images_per_s']:,.1f} | "
+              f"{row['peak_mib']:.0f} | {setup_s:.1f} | {row['paper_training_hours']:,.1f} h |", flush=True)
     print(f"\nthe last column: {PAPER_EPOCHS} x {PAPER_PAIRS:,} images at the measured img/s on this one device.")
     return measured
 
@@ -575,11 +639,9 @@ def loader_throughput(args):
 
 def parse_design(text):
     try:
-        depth, width, heads = (int(v) for v in text.split(","))
-        dit.check_shape(depth, width, heads)
-    except ValueError as e:
-        raise UsageError(f"--designs {text}: write each design as D,W,H, e.g. 5,64,8 ({e}).")
-    return depth, width, heads
+        return dit.parse_design_name(text)
+    except UsageError as e:
+        raise UsageError(f"--designs: {e}")
 
 
 def resolve_model(args, device):
@@ -587,12 +649,13 @@ def resolve_model(args, device):
     class-conditional, the CFG scales to time)."""
     config, source = {}, "random weights"
     if args.ckpt:
-        if (args.params, args.depth, args.width, args.heads) != (None, None, None, None):
-            raise UsageError("give one of --ckpt, --params or --d/--w/--h.")
+        if (args.params, args.depth, args.width, args.heads) != (None, None, None, None) or args.mlp_ratio != 4:
+            raise UsageError("give one of --ckpt, --params or --d/--w/--h [--mlp-ratio] (a checkpoint has its own).")
         model, config = sample.load_model(args.ckpt, device)
         source = f"{args.ckpt} (EMA weights)"
     else:
-        model = random_dit(*dit.resolve_design(args, default=dit.design("5M")), seed=args.seed).to(device)
+        model = random_dit(*dit.resolve_design(args, default=dit.design("5M")), args.mlp_ratio, seed=args.seed)
+        model = model.to(device)
     conditional = sample.guidance(config)[0]
     scales = [sample.guidance(config, s)[1] for s in args.cfg_scale] if args.cfg_scale else \
         [sample.PAPER_CFG, 1.0] if conditional else [1.0]
@@ -601,14 +664,36 @@ def resolve_model(args, device):
 
 def check_args(args, device):
     """Every flag checked, and every output made sure to be writable, before anything is timed."""
+    cpu_pick = args.pick and device.type == "cpu"  # dozens of candidates: fewer repeats on a CPU
+    args.repeats = args.repeats if args.repeats is not None else 3 if cpu_pick else 5
+    args.warmup = args.warmup if args.warmup is not None else 1 if cpu_pick else 3
     positive_ints(args, "n", "batch", "repeats", "threads")
     check_number(args.warmup, "--warmup", low=0, integer=True)
     check_number(args.seed, "--seed", low=0, integer=True)
     for scale in args.cfg_scale or []:
         check_number(scale, "--cfg-scale", low=0)
+    check_number(args.mlp_ratio, "--mlp-ratio", low=0, low_open=True)
+    if args.sweep and args.mlp_ratio != 4:
+        raise UsageError("--sweep times each design at its own MLP ratio: write it in the design's name "
+                         "(--designs d5w64h8r2), not as --mlp-ratio.")
     for path, flag in ((args.json, "--json"), (args.onnx, "--onnx")):
         if path:
             writable_file(path, flag)
+    if args.pick:
+        if args.sweep or args.designs or args.ckpt or args.onnx or args.train or args.loader or \
+                (args.params, args.depth, args.width, args.heads) != (None, None, None, None):
+            raise UsageError("--pick chooses among its own candidates: use it without --sweep, --designs, --ckpt, "
+                             "--onnx, --train, --loader and --d/--w/--h/--params; give the budgets as --max-params "
+                             "and --max-ms.")
+        if args.max_params is None or args.max_ms is None:
+            raise UsageError("--pick needs both budgets: --max-params (parameters, e.g. 5M) and --max-ms (ms per "
+                             "image at batch 128 and CFG 1.5, e.g. 20).")
+        dit.parse_params(args.max_params)
+        check_number(args.max_ms, "--max-ms", low=0, low_open=True)
+        if args.modes and "," in args.modes:
+            raise UsageError(f"--pick times the candidates in one mode; --modes {args.modes} names several.")
+    elif args.max_params is not None or args.max_ms is not None:
+        raise UsageError("--max-params and --max-ms are the budgets of --pick: add --pick.")
     if args.loader:
         if args.sweep or args.ckpt or args.onnx or args.train:
             raise UsageError("--loader times data loading alone: use it without --sweep, --ckpt, --onnx and --train.")
@@ -635,13 +720,16 @@ def check_args(args, device):
                 raise UsageError(f"--train mode {mode}: {problem}; choose modes without +compile.")
         return modes
     args.batch = args.batch or 128
-    if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep times fewer and extrapolates
-        args.n = 256 if args.sweep and device.type == "cpu" else PER_50K
+    if args.n is None:  # 50k on a CPU takes minutes per design: a CPU sweep or pick times fewer and extrapolates
+        args.n = PER_50K if device.type != "cpu" else 256 if args.sweep else 128 if args.pick else PER_50K
     if args.modes:
         modes = args.modes.split(",")
     else:
         fastest = fastest_mode(device)
-        modes = [fastest] if args.sweep else [m for m in BASE_MODES[device.type] if m != fastest] + [fastest]
+        if args.pick:  # compiling each of dozens of candidates would take longer than timing them
+            fastest = fastest.replace("+compile", "")
+        modes = [fastest] if args.sweep or args.pick else \
+            [m for m in BASE_MODES[device.type] if m != fastest] + [fastest]
     modes = [parse_mode(m, device) for m in modes]  # every mode checked before anything is timed
     for mode in modes:
         if mode.compile:
@@ -697,7 +785,7 @@ def main(argv=None):
             if args.threads:
                 torch.set_num_threads(args.threads)
             job = loader_throughput if args.loader else train_throughput if args.train else sweep if args.sweep \
-                else benchmark
+                else pick_design if args.pick else benchmark
             measured = job(args) if args.loader else job(args, device, modes)
     except AccuracyError as e:  # not the user's input: a mode that computes wrong images (exit 1)
         print(f"error: {e}", file=sys.stderr)

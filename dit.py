@@ -15,6 +15,7 @@ plain PyTorch), its exact parameter and FLOP counts, and the paper's design rule
 """
 import argparse
 import math
+import re
 
 import numpy as np
 import torch
@@ -72,15 +73,23 @@ def parse_params(text):
     return int(round(value))
 
 
-def design(params, tolerance=0.01):
+RULE_WIDTHS = sorted({2 ** n for n in range(2, 13)} | {3 * 2 ** n for n in range(2, 12)})  # 4, 8, 12, 16, 24, ...
+
+
+def rule_depths(w):
+    """The depths the rules allow a width: floor(log2 w), else one less."""
+    return [d for d in (int(math.log2(w)), int(math.log2(w)) - 1) if d >= 1]
+
+
+def design(params, tolerance=0.01, mlp_ratio=4):
     """The paper's three principles for a parameter budget -> (depth, width, heads).
     Widths 2^n or 3*2^n; depth floor(log2 w), else one less; take the widest width whose rule depth
-    fits the budget within `tolerance` (the paper's "0.42M" model has 421,068 parameters)."""
+    fits the budget within `tolerance` (the paper's "0.42M" model has 421,068 parameters). Another MLP
+    ratio changes the counts, so the same budget may buy another design (0.42M at ratio 2: (6, 64, 8))."""
     budget = parse_params(params)
-    widths = sorted({2 ** n for n in range(2, 13)} | {3 * 2 ** n for n in range(1, 12)}, reverse=True)
-    for w in widths:
-        for d in (int(math.log2(w)), int(math.log2(w)) - 1):
-            if d >= 1 and param_count(d, w) <= budget * (1 + tolerance):
+    for w in reversed(RULE_WIDTHS):
+        for d in rule_depths(w):
+            if param_count(d, w, mlp_ratio) <= budget * (1 + tolerance):
                 return d, w, rule_heads(w)
     raise UsageError(f"no design fits a budget of {budget:,} parameters; the smallest, (1, 4, 2), needs "
                      f"{param_count(1, 4):,}")
@@ -323,7 +332,7 @@ def resolve_design(args, default=None):
     if args.params is not None and (args.depth, args.width, args.heads) != (None, None, None):
         raise UsageError("give --params BUDGET or --d/--w/--h, not both.")
     if args.params is not None:
-        d, w, h = design(args.params)
+        d, w, h = design(args.params, mlp_ratio=getattr(args, "mlp_ratio", 4))
     elif args.depth is None and args.width is None:
         if default is None:
             raise UsageError("give --params BUDGET, or --d DEPTH --w WIDTH [--h HEADS].")
@@ -345,6 +354,22 @@ def design_name(d, w, h, mlp_ratio=4):
     """A design's short name, as in run folders: d5w64h8, d5w64h8-8-4-4-2, d5w64h8r2."""
     heads = "-".join(map(str, h)) if isinstance(h, (list, tuple)) else str(h)
     return f"d{d}w{w}h{heads}" + (f"r{mlp_ratio:g}" if mlp_ratio != 4 else "")
+
+
+def parse_design_name(text):
+    """A design written as design_name writes it, or as D,W,H -> (d, w, h, mlp_ratio), checked:
+    'd5w64h8-8-4-4-2' -> (5, 64, [8, 8, 4, 4, 2], 4); 'd6w64h8r2' -> (6, 64, 8, 2.0); '5,64,8' -> (5, 64, 8, 4)."""
+    m = re.fullmatch(r"d(\d+)w(\d+)h(\d+(?:-\d+)*)(?:r(\d*\.?\d+))?|(\d+),(\d+),(\d+)", text.strip())
+    if not m:
+        raise UsageError(f"cannot read the design {text!r}: write D,W,H (5,64,8) or a run folder's name: d5w64h8, "
+                         f"d5w64h8-8-4-4-2 (heads per block), d6w64h8r2 (MLP ratio 2).")
+    if m.group(5):
+        d, w, h, r = int(m.group(5)), int(m.group(6)), int(m.group(7)), 4
+    else:
+        d, w, r = int(m.group(1)), int(m.group(2)), float(m.group(4)) if m.group(4) else 4
+        h = parse_heads(m.group(3).replace("-", ","))
+    check_shape(d, w, h, r)
+    return d, w, h, r
 
 
 def main(argv=None):

@@ -44,11 +44,12 @@ def load_timings(path):
         with open(path) as f:
             rows = json.load(f)
         assert isinstance(rows, list) and rows and all("design" in r and "seconds_per_50k" in r for r in rows)
-    except (OSError, ValueError, AssertionError) as e:
+        for r in rows:
+            r["key"] = design_key(r)
+    except (OSError, ValueError, AssertionError, KeyError, TypeError) as e:
         raise UsageError(f"--timings {path} is not a sweep's timings ({type(e).__name__}: {str(e)[:200]}); write "
                          f"it with python bench.py --sweep --json {path}.")
     for r in rows:
-        r["design"] = [int(v) for v in r["design"]]
         r.setdefault("name", "")
         r.setdefault("jetson_s", None)
         r.setdefault("paper_fid", None)
@@ -68,12 +69,20 @@ def load_results(patterns):
         try:
             with open(path) as f:
                 record = json.load(f)
-            record["design"] = [int(v) for v in record["design"]]
+            record["key"] = design_key(record)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"cannot read {path} as a results file ({type(e).__name__}: {e}); expected the "
                              f"results.json that distill.py or fid.py write (it has 'design': [d, w, h]).")
         records.append((path, record))
     return records
+
+
+def design_key(record):
+    """A run's or a timing's design as its name (dit.design_name): heads per block and the MLP ratio tell designs
+    apart, d5w64h8 from d5w64h8-8-4-4-2 and d5w64h8r2. Raises KeyError, TypeError or ValueError for a bad one."""
+    d, w, h = record["design"]
+    h = [int(v) for v in h] if isinstance(h, list) else int(h)
+    return dit.design_name(int(d), int(w), h, float(record.get("mlp_ratio", 4)))
 
 
 METRICS = {  # what a run's results.json may hold -> (column label, where it is)
@@ -99,22 +108,22 @@ def main_setup(records):
 
 
 def run_metrics(records):
-    """Per design, each metric's runs -> {metric: {(d,w,h): [values]}}, over runs of the most common loss and
+    """Per design, each metric's runs -> {metric: {design key: [values]}}, over runs of the most common loss and
     method only, so that e.g. an L1 run in Table 1's comparison does not blur its design's L2 point."""
     out = {}
     for _, r in main_setup(records):
         for name, (_, get) in METRICS.items():
             if get(r) is not None:
-                out.setdefault(name, {}).setdefault(tuple(r["design"]), []).append(get(r))
+                out.setdefault(name, {}).setdefault(r["key"], []).append(get(r))
     return out
 
 
 def quality_of(records, rows):
-    """The quality axis -> (label, {(d,w,h): value}): the mean over runs of their FID when any has one, else
+    """The quality axis -> (label, {design key: value}): the mean over runs of their FID when any has one, else
     of their toy FID (the toy teacher's stand-in for it) at each run's best guidance scale, else at the run's
     own scale, else of their held-out PSNR, else the paper's Table 6 FID."""
     if not records:
-        return "FID (paper, Table 6)", {tuple(r["design"]): r["paper_fid"] for r in rows if r["paper_fid"]}
+        return "FID (paper, Table 6)", {r["key"]: r["paper_fid"] for r in rows if r["paper_fid"]}
     values = run_metrics(records)
     name = next(m for m in ("fid", "toy_fid_best", "toy_fid", "psnr") if m in values)
     return METRICS[name][0], {d: statistics.mean(v) for d, v in values[name].items()}
@@ -142,11 +151,11 @@ def write_run_records(records, rows, folder):
     os.makedirs(folder, exist_ok=True)
     timed_rows = {}
     for row in rows:
-        timed_rows.setdefault(tuple(row["design"]), row)
+        timed_rows.setdefault(row["key"], row)
     keys = ("mode", "device", "hardware", "batch", "cfg_scale", "n", "extrapolated", "images_per_s",
             "seconds_per_50k", "gflop_per_image", "torch")
     for path, record in records:
-        row = timed_rows[tuple(record["design"])]
+        row = timed_rows[record["key"]]
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))
         latency_record = {k: row.get(k) for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"]}
         curve_path = os.path.join(os.path.dirname(path), "metrics.jsonl")
@@ -154,6 +163,7 @@ def write_run_records(records, rows, folder):
         if os.path.isfile(curve_path):
             with open(curve_path) as f:
                 curve = [{"step": e["step"], **e["ema"]} for e in map(json.loads, f)]
+        record = {k: v for k, v in record.items() if k != "key"}
         write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record,
                                                         "curve": curve})
 
@@ -169,7 +179,7 @@ def sweep_table(rows, records):
     design's runs, +- their standard deviation where it has several (seed repeats)."""
     est = "extrapolated" if rows[0]["extrapolated"] else "measured"
     values = run_metrics(records) if records else {}
-    lines = [f"| design (d,w,h) | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
+    lines = [f"| design | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
              f"paper Jetson s | paper FID |" + "".join(f" {METRICS[m][0]} |" for m in values),
              "|" + " --- |" * (9 + len(values))]
 
@@ -181,8 +191,8 @@ def sweep_table(rows, records):
         return "" if not v else f"{statistics.mean(v):.{digits}f}" + (
             f" +- {statistics.stdev(v):.{digits}f} ({len(v)} runs)" if len(v) > 1 else "")
     for r in rows:
-        d = tuple(r["design"])
-        lines.append(f"| ({d[0]},{d[1]},{d[2]}) | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
+        d = r["key"]
+        lines.append(f"| {d} | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
                      f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
                      f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
                      + "".join(f" {spread(m, values[m].get(d))} |" for m in values))
@@ -200,18 +210,18 @@ def plot_tradeoff(rows, quality_label, quality, path):
               "deep": ("^", "deep (d > log2 w)")}
     for (group, (marker, label)), colour in zip(groups.items(), ("C0", "C1", "C2")):
         rs = [r for r in rows if family(*r["design"][:2]) == group]
-        rq = [r for r in rs if tuple(r["design"]) in quality]
-        a.scatter([r["params"] / 1e6 for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
+        rq = [r for r in rs if r["key"] in quality]
+        a.scatter([r["params"] / 1e6 for r in rq], [quality[r["key"]] for r in rq], marker=marker,
                   color=colour, label=label if rq else None)  # no legend entry for an empty group
         b.scatter([r["params"] / 1e6 for r in rs], [r["seconds_per_50k"] for r in rs], marker=marker, color=colour,
                   label=label if rs else None)
         jetson = [r for r in rs if r["jetson_s"]]
         b.scatter([r["params"] / 1e6 for r in jetson], [r["jetson_s"] for r in jetson], marker=marker,
                   facecolors="none", edgecolors=colour, label=f"{group}, paper's Jetson Orin" if jetson else None)
-        c.scatter([r["seconds_per_50k"] for r in rq], [quality[tuple(r["design"])] for r in rq], marker=marker,
+        c.scatter([r["seconds_per_50k"] for r in rq], [quality[r["key"]] for r in rq], marker=marker,
                   s=[20 + 30 * r["params"] / 1e6 for r in rq], color=colour, label=label if rq else None)
         for r in rq:
-            c.annotate("%d,%d,%d" % tuple(r["design"]), (r["seconds_per_50k"], quality[tuple(r["design"])]),
+            c.annotate(r["key"], (r["seconds_per_50k"], quality[r["key"]]),
                        fontsize=6, xytext=(3, 3), textcoords="offset points")
     latency_label = "s per 50k images" + (" (extrapolated)" if any(r["extrapolated"] for r in rows) else "")
     a.set(xlabel="parameters (M)", ylabel=quality_label, title="(a) size vs quality")
@@ -236,12 +246,15 @@ def plot_guidance(records, path):
     by_design = {}
     for _, r in main_setup(records):
         if r.get("ema", {}).get("toy_fid_by_cfg"):
-            by_design.setdefault(tuple(r["design"]), []).append(r["ema"])
+            by_design.setdefault(r["key"], []).append(r)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for (d, w, h), runs in sorted(by_design.items(), key=lambda kv: dit.param_count(*kv[0][:2])):
+    def params(r):
+        return dit.param_count(r["design"][0], r["design"][1], r.get("mlp_ratio", 4))
+    for key, records_of in sorted(by_design.items(), key=lambda kv: params(kv[1][0])):
+        runs = [r["ema"] for r in records_of]
         scales = sorted(float(s) for s in runs[0]["toy_fid_by_cfg"])
         mean = [statistics.mean(e["toy_fid_by_cfg"][f"{s:g}"] for e in runs) for s in scales]
-        line, = ax.plot(scales, mean, marker=".", label=f"({d},{w},{h}) {dit.param_count(d, w) / 1e6:.2f}M, "
+        line, = ax.plot(scales, mean, marker=".", label=f"{key} {params(records_of[0]) / 1e6:.2f}M, "
                                                         f"{len(runs)} run{'s' * (len(runs) > 1)}")
         ax.scatter([e["cfg_best"] for e in runs], [e["toy_fid_best"] for e in runs], color=line.get_color(), s=18)
     ax.axvline(1.5, color="grey", lw=0.8, ls="--", label="the paper's scale, 1.5")
@@ -269,12 +282,11 @@ def main(argv=None):
             writable_dir(args.runs_out, "--runs-out")
         rows = load_timings(args.timings)
         records = load_results(args.results) if args.results else []
-        timed_designs = {tuple(r["design"]) for r in rows}
-        missing = sorted({tuple(r["design"]) for _, r in records} - timed_designs)
+        missing = sorted({r["key"] for _, r in records} - {r["key"] for r in rows})
         if missing:
-            raise UsageError(f"--timings {args.timings} has no latency for the runs' designs "
-                             f"{', '.join('%d,%d,%d' % d for d in missing)}; time them with python bench.py "
-                             f"--sweep --designs ... --json {args.timings}.")
+            raise UsageError(f"--timings {args.timings} has no latency for the runs' designs {', '.join(missing)}; "
+                             f"time them with python bench.py --sweep --designs {' '.join(missing)} --json "
+                             f"{args.timings}.")
     first = rows[0]
     quality_label, quality = quality_of(records, rows)
     table = sweep_table(rows, records)

@@ -37,6 +37,7 @@ import bench
 import common
 import data
 import dit
+import pick
 import distill
 import fid
 import measure
@@ -245,6 +246,20 @@ def test_dit_heads_per_block_change_attention_not_counts():
                                  (8, 0, "--mlp-ratio 0")]:
         with pytest.raises(ValueError, match=phrase):
             dit.DiT(5, 64, heads, ratio)
+
+
+def test_dit_design_rules_at_another_mlp_ratio_and_design_names_read_back():
+    """The rules re-size a budget for another MLP ratio (0.42M at ratio 2 buys a sixth block); a design's name, as run
+    folders write it, reads back to the same design."""
+    assert dit.design("0.42M", mlp_ratio=2) == (6, 64, 8) and dit.param_count(6, 64, 2) <= 420_000
+    assert dit.design("0.42M", mlp_ratio=4) == (5, 64, 8)
+    for d, w, h, r in [(5, 64, 8, 4), (5, 64, [8, 8, 4, 4, 2], 4), (6, 64, 8, 2.0), (3, 32, [4, 2, 1], 1.5)]:
+        assert dit.parse_design_name(dit.design_name(d, w, h, r)) == (d, w, h, r)
+    assert dit.parse_design_name("7,128,8") == (7, 128, 8, 4)
+    for text, phrase in [("5x64x8", "cannot read the design"), ("d5w64h7", "not divisible by heads 7"),
+                         ("d5w64h8-4", "2 head counts for 5 blocks")]:
+        with pytest.raises(ValueError, match=phrase):
+            dit.parse_design_name(text)
 
 
 def test_dit_forward_hidden_decode_and_cfg():
@@ -1446,7 +1461,7 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
     study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(plot)])
     table = out.read_text()
     for d, w, h in expected:
-        assert table.count(f"| ({d},{w},{h}) |") == 1
+        assert table.count(f"| d{d}w{w}h{h} |") == 1
     assert "extrapolated" in table and "paper FID" in table and "FID (runs" not in table
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = tmp_path / "run1"
@@ -1457,7 +1472,7 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
                 str(tmp_path / "records"), "--results", str(tmp_path / "run*" / "results.json"),
                 str(tmp_path / "other.json")])
     table = out.read_text()
-    assert "FID (runs" in table and "| (5,64,8) | 0.42M proposed | 421,068 |" in table
+    assert "FID (runs" in table and "| d5w64h8 | 0.42M proposed | 421,068 |" in table
     assert "| 30.50 | 14.00 |" in table and "| 60.00 | 11.00 |" in table  # FID, then PSNR
     # seed repeats of a design: the mean and their spread
     (tmp_path / "run2").mkdir()
@@ -1468,12 +1483,105 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
     record = json.loads((tmp_path / "records" / "run1.json").read_text())
     assert record["fid"] == 30.5 and record["latency"]["images_per_s"] == rows[3]["images_per_s"]
     (tmp_path / "untimed.json").write_text(json.dumps({"design": [3, 48, 4], "ema": {"psnr": 11.0}}))
-    for argv, phrase in ((["--results", str(tmp_path / "untimed.json")], "no latency for the runs' designs 3,48,4"),
+    for argv, phrase in ((["--results", str(tmp_path / "untimed.json")], "no latency for the runs' designs d3w48h4"),
                          (["--results", str(tmp_path / "none*.json")], "matches no file"),
                          (["--runs-out", str(tmp_path / "r")], "give --results too")):
         with pytest.raises(SystemExit) as stop:
             study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(plot), *argv])
         assert stop.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_pick_candidates_are_the_rules_designs_with_head_layouts_and_their_neighbours():
+    cands = pick.candidates(dit.parse_params("0.5M"), grid=[(2, 96, 8), (9, 48, 6), (7, 192, 12)])
+    names = [pick.name(c) for c in cands]
+    assert len(names) == len(set(names)) and all(c.params <= 500_000 for c in cands)
+    rules = {pick.name(c) for c in cands if c.rules}
+    assert {"d5w64h8", "d5w64h4", "d5w64h8-8-4-4-2", "d6w64h8", "d4w48h6", "d5w32h4"} <= rules
+    assert {"d2w96h8", "d9w48h6", "d6w48h6", "d4w64h8"} <= set(names) - rules  # the grid and the neighbours
+    assert "d7w192h12" not in names  # over the budget
+    assert pick.halving_heads(5, 64, 8) == (8, 8, 4, 4, 2), "heads halve toward the output in three groups of blocks"
+    assert pick.halving_heads(7, 192, 12) == (12, 12, 12, 6, 6, 6, 3)
+    assert pick.halving_heads(5, 48, 6) == (6, 6, 3, 3, 3), "a block keeps its heads where half does not divide w"
+
+
+def test_pick_front_and_choice_follow_size_then_latency():
+    C = pick.Candidate
+    cands = [C(5, 64, 8, 4, 421_068, True), C(5, 64, 4, 4, 421_068, True), C(4, 48, 6, 4, 202_188, True),
+             C(2, 96, 8, 4, 415_308, False), C(6, 64, 8, 4, 495_756, True)]
+    ms = {"d5w64h8": 3.0, "d5w64h4": 2.0, "d4w48h6": 1.0, "d2w96h8": 2.5, "d6w64h8": 4.0}
+    assert pick.pareto_front(cands, ms) == {"d4w48h6", "d5w64h4", "d6w64h8"}, \
+        "on the front: no other candidate has at least as many parameters and at most the latency"
+    assert pick.name(pick.choose(cands, ms, max_ms=3.5)) == "d5w64h4", "most parameters within the budget, then fastest"
+    assert pick.name(pick.choose(cands, ms, max_ms=4.0)) == "d6w64h8"
+    assert pick.name(pick.choose(cands, ms, max_ms=1.0)) == "d4w48h6"
+    ms["d2w96h8"] = 0.1  # a faster design that is not a rules' one is shown, never picked
+    with pytest.raises(ValueError, match="the fastest, d4w48h6 .* takes 1 ms"):
+        pick.choose(cands, ms, max_ms=0.5)
+
+
+def test_bench_pick_times_each_candidate_once_caches_it_and_refuses_an_impossible_budget(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path))
+    argv = ["--pick", "--max-params", "0.12M", "--max-ms", "1000", "--device", "cpu", "--n", "2", "--batch", "2",
+            "--repeats", "1", "--warmup", "0", "--modes", "lut"]
+    (best,) = bench.main(argv)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("pick: (d, w, h) = (5, 32, "), out
+    assert best["params"] == dit.param_count(5, 32) and "| yes |" in out and "Pareto front" in out
+    timed = json.loads((tmp_path / "latency_cache.json").read_text())
+    assert len(timed) == len(pick.candidates(120_000, [(r.depth, r.width, r.heads) for r in bench.TABLE6]))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a second --pick with the same setting must read the cache, not time again")
+    monkeypatch.setattr(bench, "latency", no_timing)
+    assert bench.main(argv) == [best]
+    assert f"{len(timed)} candidates, {len(timed)} in the cache" in capsys.readouterr().out
+    for flags, phrase in [(["--max-ms", "1e-9"], "Raise --max-ms to at least"),
+                          (["--max-params", "50k"], "no candidate design has at most 50,000"),
+                          (["--max-ms", "-1"], "--max-ms must be"), (["--max-params", "lots"], "cannot read")]:
+        bad = list(argv)
+        for flag, value in zip(flags[::2], flags[1::2]):
+            bad[bad.index(flag) + 1] = value
+        with pytest.raises(SystemExit) as stop:
+            bench.main(bad)
+        assert stop.value.code == 2 and phrase in capsys.readouterr().err, flags
+    for flags, phrase in [(["--pick", "--max-params", "5M"], "needs both budgets"), (["--max-ms", "3"], "add --pick"),
+                          (["--pick", "--max-params", "5M", "--max-ms", "3", "--sweep"], "without --sweep")]:
+        with pytest.raises(SystemExit) as stop:
+            bench.main(flags + ["--device", "cpu"])
+        assert stop.value.code == 2 and phrase in capsys.readouterr().err, flags
+
+
+def test_knobs_sh_refuses_bad_settings(tmp_path):
+    for setting, phrase in [("SEEDS=0 x", "each seed must be an integer"), ("STEPS=-5", "STEPS=-5 must be"),
+                            ("PYTHON=/no/python", "PYTHON=/no/python")]:
+        key, value = setting.split("=", 1)
+        env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))
+        r = subprocess.run(["bash", "knobs.sh"], cwd=HERE, capture_output=True, text=True, timeout=60,
+                           env=dict(env, **{key: value}))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, (setting, r.stderr)
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_study_tells_apart_designs_that_differ_only_in_heads_per_block_or_mlp_ratio(tmp_path):
+    timings = tmp_path / "sweep.json"
+    names = ["d5w64h8", "d5w64h8-8-4-4-2", "d5w64h8r2"]
+    rows = bench.main(["--sweep", "--device", "cpu", "--n", "2", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                       "--modes", "lut", "--designs", "5,64,8", *names[1:], "--json", str(timings)])
+    assert [r["design"] for r in rows] == [[5, 64, 8], [5, 64, [8, 8, 4, 4, 2]], [5, 64, 8]]
+    assert [r["params"] for r in rows] == [421_068, 421_068, dit.param_count(5, 64, 2)] and rows[2]["mlp_ratio"] == 2
+    for name, design, ratio, fid_value in zip(names, ([5, 64, 8], [5, 64, [8, 8, 4, 4, 2]], [5, 64, 8]), (4, 4, 2),
+                                              (30.0, 40.0, 50.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"design": design, "mlp_ratio": ratio,
+                                                                  "fid": fid_value, "ema": {}}))
+    out = tmp_path / "sweep.md"
+    study.main(["--timings", str(timings), "--sweep-out", str(out), "--plot", str(tmp_path / "fig.png"),
+                "--results", str(tmp_path / "d5*" / "results.json")])
+    table = out.read_text()
+    for name, fid_value in zip(names, ("30.00", "40.00", "50.00")):
+        assert table.count(f"| {name} |") == 1 and f"| {fid_value} |" in table.split(f"| {name} |")[1].split("\n")[0], \
+            f"study.py's table mixes up the runs of {name} with another design's: each design's own FID belongs on its row"
 
 
 def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
@@ -1497,7 +1605,7 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     assert records["d5w64h8_l1"]["loss"] == "l1" and records["d5w64h8_toy-lpips"]["loss"] == "toy-lpips"
     table = (tmp_path / "results" / "sweep.md").read_text()
     main = records["d5w64h8_toy-lpips"]["ema"]
-    assert table.count("| (5,64,8) |") == 1 and "toy FID at its best CFG (runs" in table  # the quality axis
+    assert table.count("| d5w64h8 |") == 1 and "toy FID at its best CFG (runs" in table  # the quality axis
     assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, gradient clip 1, loss " in table  # study.sh's recipe
     assert (f"| {main['toy_fid_best']:.2f} | {main['cfg_best']:.2f} | {main['toy_fid']:.2f} | "
             f"{main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |") in table  # not the L1 run's
@@ -1913,6 +2021,11 @@ OUT_OF_RANGE = [  # (script, argv, phrase): values no run can use, refused befor
     ("bench", ["--loader", "PATH", "--step-ms", "-1"], "--step-ms must be"),
     ("bench", ["--loader", "PATH", "--train"], "--loader times data loading alone"),
     ("bench", ["--opset", "5"], "invalid choice"),
+    ("bench", ["--d", "5", "--w", "64", "--mlp-ratio", "0"], "--mlp-ratio must be a number greater than 0"),
+    ("bench", ["--sweep", "--designs", "5x64x8"], "cannot read the design '5x64x8'"),
+    ("bench", ["--sweep", "--mlp-ratio", "2"], "write it in the design's name"),
+    ("bench", ["--ckpt", "x.pt", "--mlp-ratio", "2"], "a checkpoint has its own"),
+    ("bench", ["--pick", "--max-params", "5M", "--max-ms", "20", "--modes", "lut,fp32"], "names several"),
     ("bench", ["--compile-mode", "fastest"], "invalid choice"),
 ]
 
