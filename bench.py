@@ -496,6 +496,7 @@ def pick_design(args, device, modes):
     setting = (f"{modes[0]} mode, batch {args.batch}, CFG {cfg_scale:g}, median of {args.repeats} x {args.n:,} "
                f"images, on {hardware(device)}, torch {torch.__version__}")
     path = timings_cache()
+    common.writable_file(path, "the timings cache (set DIT_NANO_CACHE to move it)")  # makes its folder, or exit 2
     try:
         with open(path) as f:
             cache = json.load(f)

@@ -1521,14 +1521,15 @@ def test_pick_front_and_choice_follow_size_then_latency():
 
 def test_bench_pick_times_each_candidate_once_caches_it_and_refuses_an_impossible_budget(tmp_path, monkeypatch,
                                                                                          capsys):
-    monkeypatch.setattr(common, "CACHE_DIR", str(tmp_path))
+    cache = tmp_path / "not yet made"  # a fresh clone has no cache folder: --pick makes it
+    monkeypatch.setattr(common, "CACHE_DIR", str(cache))
     argv = ["--pick", "--max-params", "0.12M", "--max-ms", "1000", "--device", "cpu", "--n", "2", "--batch", "2",
             "--repeats", "1", "--warmup", "0", "--modes", "lut"]
     (best,) = bench.main(argv)
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("pick: (d, w, h) = (5, 32, "), out
     assert best["params"] == dit.param_count(5, 32) and "| yes |" in out and "Pareto front" in out
-    timed = json.loads((tmp_path / "latency_cache.json").read_text())
+    timed = json.loads((cache / "latency_cache.json").read_text())
     assert len(timed) == len(pick.candidates(120_000, [(r.depth, r.width, r.heads) for r in bench.TABLE6]))
 
     def no_timing(*args, **kwargs):
