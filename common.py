@@ -288,7 +288,8 @@ def hardware(device):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    return f"{name}, {torch.get_num_threads()} threads" if device.type == "cpu" else f"{name} ({device.type})"
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else f"{name} ({device.type})"
 
 
 def sigterm_as_interrupt():
