@@ -212,9 +212,11 @@ def grade_table1(records):
                     f"end): loss {r.get('loss')}{', ' + wrong if wrong else ''}")
     class_mean = runs["toy-lpips"]["class_mean"]["toy_fid"]
     for loss, r in runs.items():
-        if r["ema"]["toy_fid_best"] > TABLE1_MAX_RATIO * class_mean:
-            return (f"{loss} scores toy FID {r['ema']['toy_fid_best']:.1f}, above {TABLE1_MAX_RATIO} x the class "
-                    f"means' {class_mean:.1f}: was it trained to the end with the quick start's recipe?")
+        fid = r["ema"]["toy_fid_best"]
+        if fid >= TABLE1_MAX_RATIO * class_mean:
+            return (f"{loss} scores toy FID {fid:.1f}, {fid / class_mean:.2f} of the class means' {class_mean:.1f}; "
+                    f"every loss's student should score below them (three seeds of each scored at most 0.78 of "
+                    f"them): was it trained to the end with the quick start's recipe?")
     if not os.path.isfile(os.path.join(records, "table1", "WRITEUP.md")):
         return f"no {records}/table1/WRITEUP.md (the table and the paragraph ASSIGNMENTS.md asks for)"
     return ""
@@ -245,7 +247,10 @@ def grade_tradeoff(records):
     return ""
 
 
-TABLE1_MAX_RATIO = 0.9  # of the class means' toy FID; measured at seed 0: L1 0.78, L2 0.41, toy LPIPS 0.67
+# Assignment 10's bar: each loss's toy FID below the class means' (predicting each label's mean image). Measured
+# at the quick start's recipe, seeds 0-2, as a fraction of the class means' (mean +- sd, worst): L1 0.69 +- 0.14,
+# 0.78; L2 0.42 +- 0.03, 0.45; toy LPIPS 0.66 +- 0.04. L1, the most spread, has its mean 2.3 sd below the bar.
+TABLE1_MAX_RATIO = 1.0
 
 
 def grade(repo, chosen, records):
