@@ -2191,7 +2191,7 @@ def test_assignments_make_a_student_copy_and_grade_names_the_failing_test(tmp_pa
     assert stop.value.code == 0, capsys.readouterr().out
 
 
-def test_assignments_grade_table1_from_the_handed_in_records(tmp_path):
+def test_assignments_grade_table1_from_the_handed_in_records(tmp_path, capsys):
     """Assignment 10 passes only for the quick start's recipe run to the end with each loss, each run clearly
     better than the class means (which loss wins is the student's finding, not graded)."""
     def hand_in(fids, **change):
@@ -2207,6 +2207,8 @@ def test_assignments_grade_table1_from_the_handed_in_records(tmp_path):
     assert assignments.grade_table1(str(tmp_path)) == ""
     hand_in({"l2": 80.0, "toy-lpips": 170.0})  # L2 beating the toy LPIPS is a finding, not a fault
     assert assignments.grade_table1(str(tmp_path)) == ""
+    assert assignments.grade(HERE, [10], str(tmp_path))
+    assert capsys.readouterr().out.strip().endswith("pass; the write-up is graded by hand")
     hand_in({"l1": 210.0})
     assert "l1 scores toy FID 210.0, 1.05 of the class means' 200.0" in assignments.grade_table1(str(tmp_path))
     hand_in({"l1": 100.0})
