@@ -239,7 +239,7 @@ def grade_tradeoff(records):
     untimed = [r["design"] for r in runs if tuple(r["design"]) not in timed]
     if untimed:
         return f"designs {untimed} were trained but not timed in sweep.json"
-    runs.sort(key=lambda r: r["param_count"])
+    runs.sort(key=lambda r: r["param_count"])  # quick start's recipe, seeds 0-2: 0.1M 216 +- 18, 1M 135 +- 12
     if not runs[-1]["ema"]["toy_fid_best"] < runs[0]["ema"]["toy_fid_best"]:
         return "your largest design should score a lower toy FID than your smallest; train them longer"
     if not os.path.isfile(os.path.join(folder, "WRITEUP.md")):
