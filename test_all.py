@@ -2192,8 +2192,8 @@ def test_assignments_make_a_student_copy_and_grade_names_the_failing_test(tmp_pa
 
 
 def test_assignments_grade_table1_from_the_handed_in_records(tmp_path, capsys):
-    """Assignment 10 passes only for the quick start's recipe run to the end with each loss, each run clearly
-    better than the class means (which loss wins is the student's finding, not graded)."""
+    """Assignment 10 passes only for the quick start's recipe run to the end with each loss, each run better
+    than the class means (which loss wins is the student's finding, not graded)."""
     def hand_in(fids, **change):
         for loss, fid in fids.items():
             record = dict(assignments.quick_start_recipe(), loss=loss, ema={"toy_fid_best": fid},
