@@ -488,10 +488,6 @@ def pick_design(args, device, modes):
     """Every candidate of pick.candidates timed (or read from the cache), then pick.report's table and pick line."""
     max_params = dit.parse_params(args.max_params)
     cands = pick.candidates(max_params, [(r.depth, r.width, r.heads) for r in TABLE6], args.mlp_ratio)
-    if not cands:
-        raise UsageError(f"no candidate design has at most {max_params:,} parameters: the smallest rules' design, "
-                         f"(4, {pick.MIN_WIDTH}, {dit.rule_heads(pick.MIN_WIDTH)}), has "
-                         f"{dit.param_count(4, pick.MIN_WIDTH, args.mlp_ratio):,}. Raise --max-params.")
     cfg_scale = (args.cfg_scale or [sample.PAPER_CFG])[0]
     setting = (f"{modes[0]} mode, batch {args.batch}, CFG {cfg_scale:g}, median of {args.repeats} x {args.n:,} "
                f"images, on {hardware(device)}, torch {torch.__version__}")
@@ -695,6 +691,11 @@ def check_args(args, device):
             raise UsageError(f"--pick times the candidates in one mode; --modes {args.modes} names several.")
     elif args.max_params is not None or args.max_ms is not None:
         raise UsageError("--max-params and --max-ms are the budgets of --pick: add --pick.")
+    if args.designs and not args.sweep:
+        raise UsageError("--designs lists the designs a --sweep times: add --sweep (e.g. bench.py --sweep --designs "
+                         "5,64,8 7,128,8), or time one design with --d/--w/--h or --params.")
+    for text in args.designs or []:  # a misspelt design stops here, not after the designs before it were timed
+        parse_design(text)
     if args.loader:
         if args.sweep or args.ckpt or args.onnx or args.train:
             raise UsageError("--loader times data loading alone: use it without --sweep, --ckpt, --onnx and --train.")

@@ -3,6 +3,7 @@
 front of size and latency among them, and the pick. bench.py times the candidates and calls this file:
 
     python bench.py --pick --max-params 5M --max-ms 20 --device cpu
+    python pick.py --max-params 5M                      # the candidates alone, untimed
 
     from pick import candidates, pareto_front, choose
     designs = candidates(dit.parse_params("5M"))        # [Candidate(d, w, heads, mlp_ratio, params, rules)]
@@ -20,11 +21,12 @@ candidates are
     leaving the rules costs, but only a rules' design is picked.
 The pick: within both budgets, the rules' design (any head layout) with the most parameters, then the fastest.
 """
+import argparse
 import math
 from collections import namedtuple
 
 import dit
-from common import UsageError
+from common import UsageError, check_number, exit_on_usage_error
 
 MIN_WIDTH = 32  # the paper's narrowest design, (21, 32, 4) in Table 2; narrower models are toys of toys
 
@@ -55,10 +57,15 @@ def head_layouts(depth, width):
 
 
 def candidates(max_params, grid=(), mlp_ratio=4):
-    """Every candidate within max_params parameters, the rules' designs first, each design once.
+    """Every candidate within max_params parameters, the rules' designs first, each design once; a UsageError
+    when even the smallest rules' design is over the budget.
     grid: more (d, w, h) designs to time beside them (bench.py passes Tables 2 and 6's)."""
     rules = [(d, w) for w in dit.RULE_WIDTHS if w >= MIN_WIDTH for d in dit.rule_depths(w)]
     rules = [(d, w) for d, w in rules if dit.param_count(d, w, mlp_ratio) <= max_params]
+    if not rules:
+        raise UsageError(f"no candidate design has at most {max_params:,} parameters: the smallest rules' design, "
+                         f"(4, {MIN_WIDTH}, {dit.rule_heads(MIN_WIDTH)}), has "
+                         f"{dit.param_count(4, MIN_WIDTH, mlp_ratio):,}. Raise --max-params.")
     found = {}
 
     def add(d, w, heads, is_rule):
@@ -123,3 +130,21 @@ def report(cands, ms, max_params, max_ms, setting):
           f"{ms[name(best)]:.3f} ms per image; train it with python distill.py --d {best.depth} --w {best.width} "
           f"--h {heads}" + (f" --mlp-ratio {best.mlp_ratio:g}" if best.mlp_ratio != 4 else ""))
     return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="List the candidate designs within a parameter budget, untimed "
+                                "(python bench.py --pick times them and picks).")
+    p.add_argument("--max-params", default="5M", help="the parameter budget, e.g. 5M, 2.2M, 500k (default 5M)")
+    p.add_argument("--mlp-ratio", type=float, default=4, help="every candidate's MLP ratio (default 4)")
+    args = p.parse_args(argv)
+    with exit_on_usage_error():
+        check_number(args.mlp_ratio, "--mlp-ratio", low=0, low_open=True)
+        cands = candidates(dit.parse_params(args.max_params), mlp_ratio=args.mlp_ratio)
+    for c in sorted(cands, key=lambda c: c.params):
+        print(f"{name(c)}: {c.params:,} parameters{', a rules design' if c.rules else ''}")
+    return cands
+
+
+if __name__ == "__main__":
+    main()

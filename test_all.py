@@ -1426,6 +1426,8 @@ def test_bench_compile_mode_defaults_and_graph_conflict():
     (["--train", "--sweep", "--device", "cpu"], "use it without --sweep"),
     (["--train", "--modes", "bf16+lut", "--device", "cpu"], "training modes are fp32 or bf16"),
     (["--train", "--lpips-size", "16", "--device", "cpu"], "--lpips-size"),
+    (["--designs", "5,64,8", "--device", "cpu"], "add --sweep"),
+    (["--sweep", "--designs", "5,64,8", "foo", "--device", "cpu"], "--designs"),
 ])
 def test_bench_bad_flags_give_one_clear_error(argv, phrase, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "CUDA asked for on a CPU machine"
@@ -1502,6 +1504,17 @@ def test_pick_candidates_are_the_rules_designs_with_head_layouts_and_their_neigh
     assert pick.halving_heads(5, 64, 8) == (8, 8, 4, 4, 2), "heads halve toward the output in three groups of blocks"
     assert pick.halving_heads(7, 192, 12) == (12, 12, 12, 6, 6, 6, 3)
     assert pick.halving_heads(5, 48, 6) == (6, 6, 3, 3, 3), "a block keeps its heads where half does not divide w"
+
+
+def test_pick_cli_lists_the_candidates_and_refuses_a_budget_too_small(capsys):
+    cands = pick.main(["--max-params", "0.5M"])
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == len(cands) and "d5w64h8: 421,068 parameters, a rules design" in out, out
+    for argv, phrase in [(["--max-params", "50k"], "no candidate design has at most 50,000"),
+                         (["--mlp-ratio", "0"], "--mlp-ratio must be")]:
+        with pytest.raises(SystemExit) as stop:
+            pick.main(argv)
+        assert stop.value.code == 2 and phrase in capsys.readouterr().err, argv
 
 
 def test_pick_front_and_choice_follow_size_then_latency():
