@@ -32,7 +32,7 @@ CPU_HEAD_WIDTH = 16            # heads narrower than this are zero-padded to it 
 
 
 # ----------------------------------------------------------------------------------------------
-# Counting and design rules (DESIGN.md, sections 1 and 2)
+# Counting and design rules (DESIGN.md, "The model and its counts" and "Design rules")
 
 def mlp_width(w, mlp_ratio=4):
     """The MLP's hidden width m = int(r w) (DiT's rule; the paper's r = 4)."""

@@ -1,5 +1,5 @@
 """
-FID and Inception Score of DiT-Nano samples, comparable with published CIFAR-10 numbers (DESIGN.md section 7).
+FID and Inception Score of DiT-Nano samples, comparable with published CIFAR-10 numbers (DESIGN.md, "FID and IS").
 
     python fid.py --ckpt runs/d5w64h8_lpips/ckpt.pt    # 50k EMA samples, CFG 1.5, vs CIFAR-10 train (EDM's ref)
     python fid.py --ckpt CKPT --ref test               # vs CIFAR-10 test (GET's reference)

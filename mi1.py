@@ -9,8 +9,8 @@ the student's own final layer, is pulled towards the teacher trajectory at time 
     python mi1.py --layers 2,4,6 --t 0.66,0.33,0        # Table 4, row (2, 4, 6)
     python mi1.py --d 6 --w 128 --layers 3,6 --t 0.5,0 --data PATH/EDM-Cond-CIFAR   # real pairs, LPIPS
 
-The targets come from the stored pair (z, x0) through the forward PF-ODE (DESIGN.md section 6 says why the
-paper's printed time direction and sigma_min are changed): eps = z - x0/80,
+The targets come from the stored pair (z, x0) through the forward PF-ODE (DESIGN.md's "Multi-In-One's trajectory"
+says why the paper's printed time direction and sigma_min are changed): eps = z - x0/80,
 sigma(t) = (s^(1/7) + t (80^(1/7) - s^(1/7)))^7 with s = --sigma-min (0.002, where the teacher's sampler ended),
 x(t) = (x0 + sigma(t) eps) / sqrt(1 + sigma(t)^2), x(0) = x0. So t = 0 is the image and t = 1 the scaled noise
 80 z / sqrt(1 + 80^2). All other flags are distill.py's; checkpoints are distill.py's format (sample.py and fid.py
