@@ -459,7 +459,7 @@ def sweep(args, device, modes):
     """Every design (Table 6's, or --designs) in every mode -> rows (latency's dict plus the design's name and
     the paper's Jetson latency and FID), one printed line each."""
     paper = {(r.depth, r.width, r.heads, 4): r for r in TABLE6}
-    chosen = [parse_design(text) for text in args.designs] if args.designs else list(paper)
+    chosen = args.designs or list(paper)  # check_args parsed --designs
     cfg_scale = (args.cfg_scale or [sample.PAPER_CFG])[0]  # random weights: class-conditional, the paper's CFG
     print(f"{hardware(device)}, torch {torch.__version__}; {args.n:,} images per design at batch {args.batch}, "
           f"CFG {cfg_scale:g}, median of {args.repeats}; s per 50k = 50,000 / img/s"
@@ -694,8 +694,8 @@ def check_args(args, device):
     if args.designs and not args.sweep:
         raise UsageError("--designs lists the designs a --sweep times: add --sweep (e.g. bench.py --sweep --designs "
                          "5,64,8 7,128,8), or time one design with --d/--w/--h or --params.")
-    for text in args.designs or []:  # a misspelt design stops here, not after the designs before it were timed
-        parse_design(text)
+    # parsed here, so that a misspelt design stops before the designs ahead of it are timed
+    args.designs = [parse_design(text) for text in args.designs or []]
     if args.loader:
         if args.sweep or args.ckpt or args.onnx or args.train:
             raise UsageError("--loader times data loading alone: use it without --sweep, --ckpt, --onnx and --train.")

@@ -142,7 +142,7 @@ def main(argv=None):
         check_number(args.mlp_ratio, "--mlp-ratio", low=0, low_open=True)
         cands = candidates(dit.parse_params(args.max_params), mlp_ratio=args.mlp_ratio)
     for c in sorted(cands, key=lambda c: c.params):
-        print(f"{name(c)}: {c.params:,} parameters{', a rules design' if c.rules else ''}")
+        print(f"{name(c)}: {c.params:,} parameters" + (", a rules' design" if c.rules else ""))
     return cands
 
 

@@ -1509,7 +1509,7 @@ def test_pick_candidates_are_the_rules_designs_with_head_layouts_and_their_neigh
 def test_pick_cli_lists_the_candidates_and_refuses_a_budget_too_small(capsys):
     cands = pick.main(["--max-params", "0.5M"])
     out = capsys.readouterr().out
-    assert len(out.strip().splitlines()) == len(cands) and "d5w64h8: 421,068 parameters, a rules design" in out, out
+    assert len(out.strip().splitlines()) == len(cands) and "d5w64h8: 421,068 parameters, a rules' design" in out, out
     for argv, phrase in [(["--max-params", "50k"], "no candidate design has at most 50,000"),
                          (["--mlp-ratio", "0"], "--mlp-ratio must be")]:
         with pytest.raises(SystemExit) as stop:
