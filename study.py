@@ -6,6 +6,7 @@ three panels and, for study.sh, one record per run (its results plus its design'
     python bench.py --sweep --n 256 --json sweep.json && python study.py --timings sweep.json   # paper's FIDs
     python study.py --timings sweep.json --results 'runs/*/results.json' --plot tradeoff.png    # the runs'
     bash study.sh                          # the toy study: trains every design, times them, then calls this
+    python study.py --results 'runs/methods/*/results.json' --compare-out methods.md   # a row per run setup
 
 Quality: the runs' FID when any has one, else their toy FID (toy.py) at each run's best guidance scale, else
 their held-out PSNR against the teacher; without --results, the paper's Table 6 FID beside our latency. The table
@@ -18,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 
 import dit
@@ -27,12 +29,15 @@ from common import UsageError, atomic_write, exit_on_usage_error, writable_dir, 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--timings", required=True, help="the JSON list that bench.py --sweep --json wrote")
+    p.add_argument("--timings", help="the JSON list that bench.py --sweep --json wrote (needed but with "
+                   "--compare-out)")
     p.add_argument("--results", nargs="+", help="results.json files or quoted globs (distill.py, fid.py)")
     p.add_argument("--sweep-out", default="sweep.md", help="the Markdown table to write")
     p.add_argument("--plot", default="tradeoff.png", help="Figure 4's three panels (.png, .pdf, .svg or .jpg)")
     p.add_argument("--guidance-plot", help="also plot each design's toy FID against the guidance scale (.png), from "
                    "the --results runs' records")
+    p.add_argument("--compare-out", help="instead of the sweep: write a Markdown table with a row per run setup "
+                   "(a run folder's name without its _s<seed> suffix, as methods.sh names them) to this file")
     p.add_argument("--runs-out", help="write each --results run's record plus its design's latency to this "
                    "folder as RUN.json (the folder name of its results.json)")
     return p
@@ -144,10 +149,15 @@ def training_setup(records):
     return f"Runs ({len(records)}): {', '.join(parts)}.\n"
 
 
+def run_name(path, record):
+    """A run's name: its record's own (a study record, RESULTS/NAME.json), else its results.json's folder name."""
+    return record.get("run") or os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
 def write_run_records(records, rows, folder):
     """The study's record of each run: its results.json, the latency this sweep measured for its design (the first
     mode), and its training curve (each evaluation's EMA metrics, from metrics.jsonl beside the results.json when
-    there is one), as FOLDER/<run folder name>.json."""
+    there is one; a record passed back in keeps its own), as FOLDER/<run name>.json."""
     os.makedirs(folder, exist_ok=True)
     timed_rows = {}
     for row in rows:
@@ -156,16 +166,23 @@ def write_run_records(records, rows, folder):
             "seconds_per_50k", "gflop_per_image", "torch")
     for path, record in records:
         row = timed_rows[record["key"]]
-        run = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        run = run_name(path, record)
         latency_record = {k: row.get(k) for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"]}
         curve_path = os.path.join(os.path.dirname(path), "metrics.jsonl")
         curve = record.get("curve", [])
-        if os.path.isfile(curve_path):
+        if os.path.basename(path) == "results.json" and os.path.isfile(curve_path):  # a run folder's
             with open(curve_path) as f:
                 curve = [{"step": e["step"], **e["ema"]} for e in map(json.loads, f)]
         record = {k: v for k, v in record.items() if k != "key"}
         write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record,
                                                         "curve": curve})
+
+
+def spread(metric, values):
+    """A metric's runs as one cell: their mean, +- their standard deviation where there are several; '' for none."""
+    digits = 3 if metric in FRACTIONS else 2
+    return "" if not values else f"{statistics.mean(values):.{digits}f}" + (
+        f" +- {statistics.stdev(values):.{digits}f} ({len(values)} runs)" if len(values) > 1 else "")
 
 
 def family(depth, width):
@@ -186,16 +203,30 @@ def sweep_table(rows, records):
     def cell(value):
         return "" if value is None else f"{value:.2f}"
 
-    def spread(metric, v):
-        digits = 3 if metric in FRACTIONS else 2
-        return "" if not v else f"{statistics.mean(v):.{digits}f}" + (
-            f" +- {statistics.stdev(v):.{digits}f} ({len(v)} runs)" if len(v) > 1 else "")
     for r in rows:
         d = r["key"]
         lines.append(f"| {d} | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
                      f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"
                      f"{r['seconds_per_50k']:,.1f} | {r['jetson_s'] or ''} | {cell(r['paper_fid'])} |"
                      + "".join(f" {spread(m, values[m].get(d))} |" for m in values))
+    return "\n".join(lines)
+
+
+def compare_table(records):
+    """Markdown: a row per run setup (a run folder's name less its _s<seed> suffix: t3-2-ta for t3-2-ta_s0,
+    t3-2-ta_s1, ...) in the order of --results, with its design, method and loss, and a column per metric the runs
+    have: the mean over the setup's seeds, +- their standard deviation."""
+    setups = {}
+    for path, r in records:
+        setups.setdefault(re.sub(r"_s\d+$", "", run_name(path, r)), []).append(r)
+    metrics = [m for m, (_, get) in METRICS.items() if any(get(r) is not None for _, r in records)]
+    lines = ["| run setup | design | method | loss |" + "".join(f" {METRICS[m][0]} |" for m in metrics),
+             "|" + " --- |" * (4 + len(metrics))]
+    for setup, runs in setups.items():
+        first = runs[0]
+        cells = [spread(m, [v for v in map(METRICS[m][1], runs) if v is not None]) for m in metrics]
+        lines.append(f"| {setup} | {first['key']} | {first.get('method', 'distill')} | {first.get('loss', '')} |"
+                     + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 
 
@@ -267,9 +298,30 @@ def plot_guidance(records, path):
     plt.close(fig)
 
 
+def compare(args):
+    """--compare-out: the --results runs' table of run setups (methods.sh's Tables 3 and 4), no latency."""
+    if not args.results:
+        raise UsageError("--compare-out tabulates runs: give them with --results (e.g. 'runs/methods/*/results.json').")
+    writable_file(args.compare_out, "--compare-out")
+    records = load_results(args.results)
+    table = compare_table(records)
+
+    def write_table(tmp):
+        with open(tmp, "w") as f:
+            f.write(f"{training_setup(records)}\n{table}\n")
+    atomic_write(args.compare_out, write_table)
+    print(f"{table}\n\nwrote {args.compare_out}")
+    return records
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     with exit_on_usage_error():
+        if args.compare_out:
+            return compare(args)
+        if not args.timings:
+            raise UsageError("--timings is needed: the sweep table joins the runs with bench.py --sweep --json's "
+                             "latencies (or pass --compare-out FILE with --results for a table of run setups).")
         if os.path.splitext(args.plot)[1].lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
             raise UsageError(f"--plot {args.plot}: write the figure as .png, .pdf, .svg or .jpg.")
         if args.runs_out and not args.results:

@@ -15,8 +15,9 @@
 #                             # longer training (a GPU's: one run 3.5-5.5 min on an H200)
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes from
-# its last checkpoint (every EVERY steps, and at the interrupt); runs in OUT trained with another recipe (batch,
-# lr, warm-up, clip, seed) stop it with a message. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-
+# its last checkpoint (every EVERY steps, and at the interrupt); runs trained with another recipe (batch, lr,
+# warm-up, clip, seed) stop it with a message. A run's record in RESULTS (RESULTS/NAME.json, as committed) counts
+# as finished when OUT lacks the run, so a fresh clone goes on where the committed records end. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-
 # rate warm-up steps), CLIP (gradient-norm clip, 0: off), SEED, EVERY (steps between evaluations and
 # checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run folders),
 # RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads unless OMP_NUM_THREADS
@@ -73,7 +74,10 @@ RUNS=("${CORE[@]}")
 if [ "$ALL" = 1 ] || [ -n "$ONLY" ]; then RUNS+=("${REST[@]}"); fi  # ONLY may name any run
 run_name() { echo "d$1w$2h$3_$4${5:+_s$5}"; }                # d w h loss [seed] -> the run's folder name
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }  # NAME: is it in ONLY (or ONLY unset)?
-finished() { [ -f "$OUT/$1/results.json" ] && grep -q "\"step\": $STEPS," "$OUT/$1/results.json"; }  # NAME: done?
+result_of() {  # NAME -> its results: the run folder's, else its record in RESULTS (committed with the repo)
+  if [ -f "$OUT/$1/results.json" ]; then echo "$OUT/$1/results.json"; elif [ -f "$RESULTS/$1.json" ]; then echo "$RESULTS/$1.json"; fi
+}
+finished() { local f; f=$(result_of "$1"); [ -n "$f" ] && grep -q "\"step\": $STEPS," "$f"; }  # NAME: done?
 names=" "; for r in "${RUNS[@]}"; do names+="$(run_name $r) "; done
 for name in $ONLY; do
   [[ $names == *" $name "* ]] || die "ONLY names an unknown run '$name'; the runs are:$names"
@@ -87,7 +91,7 @@ done
 trained=()
 for r in "${CORE[@]}" "${REST[@]}"; do
   read -r d w h loss seed <<<"$r"; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
-  [ -f "$OUT/$name/results.json" ] && trained+=("$OUT/$name/results.json" "${seed:-$SEED}")
+  f=$(result_of "$name"); [ -n "$f" ] && trained+=("$f" "${seed:-$SEED}")
 done
 if [ ${#trained[@]} -gt 0 ]; then
   other=$("$PYTHON" - "$BATCH" "$LR" "$WARMUP" "$CLIP" "${trained[@]}" <<'EOF'
@@ -136,9 +140,9 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
     echo "$tag: $(grep '^eval step' "$out/log.txt" | tail -1)"
   fi
 }
-export -f run_name wanted finished run_one
+export -f run_name wanted result_of finished run_one
 TOTAL=${#RUNS[@]}
-export STEPS BATCH LR WARMUP CLIP SEED EVERY JOBS OUT ONLY TOTAL PYTHON THREADS
+export STEPS BATCH LR WARMUP CLIP SEED EVERY JOBS OUT RESULTS ONLY TOTAL PYTHON THREADS
 
 start=$(date +%s)
 specs=(); for i in "${!RUNS[@]}"; do specs+=("$((i + 1)) ${RUNS[i]}"); done
@@ -148,10 +152,10 @@ printf '%s\n' "${specs[@]:1}" | xargs -d '\n' -P "$JOBS" -I{} bash -c 'run_one "
 echo "study: training done in $(( ($(date +%s) - start) / 60 )) min; timing every design on $BENCH_DEVICE"
 
 designs=() results=()
-for r in "${CORE[@]}" "${REST[@]}"; do  # this call's runs and any others finished earlier in OUT
+for r in "${CORE[@]}" "${REST[@]}"; do  # this call's runs and any others finished earlier (OUT or RESULTS)
   read -r d w h loss seed <<<"$r"; name=$(run_name "$d" "$w" "$h" "$loss" "$seed")
   finished "$name" || continue
-  designs+=("$d,$w,$h") results+=("$OUT/$name/results.json")
+  designs+=("$d,$w,$h") results+=("$(result_of "$name")")
 done
 mkdir -p "$RESULTS"
 "$PYTHON" bench.py --sweep --device "$BENCH_DEVICE" --modes "$BENCH_MODES" --n "$BENCH_N" --repeats 3 --warmup 1 \

@@ -1566,15 +1566,37 @@ def test_bench_pick_times_each_candidate_once_caches_it_and_refuses_an_impossibl
         assert stop.value.code == 2 and phrase in capsys.readouterr().err, flags
 
 
-def test_knobs_sh_refuses_bad_settings(tmp_path):
-    for setting, phrase in [("SEEDS=0 x", "each seed must be an integer"), ("STEPS=-5", "STEPS=-5 must be"),
-                            ("PYTHON=/no/python", "PYTHON=/no/python")]:
+@pytest.mark.parametrize("script, settings", [
+    ("knobs.sh", [("SEEDS=0 x", "each seed must be an integer"), ("STEPS=-5", "STEPS=-5 must be"),
+                  ("PYTHON=/no/python", "PYTHON=/no/python")]),
+    ("methods.sh", [("SEEDS=0 x", "each seed must be an integer"), ("PYTHON=/no/python", "PYTHON=/no/python")])])
+def test_quick_recipe_scripts_refuse_bad_settings(tmp_path, script, settings):
+    for setting, phrase in settings:
         key, value = setting.split("=", 1)
         env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "results"))
-        r = subprocess.run(["bash", "knobs.sh"], cwd=HERE, capture_output=True, text=True, timeout=60,
+        r = subprocess.run(["bash", script], cwd=HERE, capture_output=True, text=True, timeout=60,
                            env=dict(env, **{key: value}))
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, (setting, r.stderr)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and phrase in r.stderr, (script, setting, r.stderr)
     assert not os.path.exists(tmp_path / "runs")
+
+
+def test_study_compare_out_gives_each_run_setup_one_row_over_its_seeds(tmp_path, capsys):
+    for run, method, fid_value in (("t3-1-baseline_s0", "distill", 40.0), ("t3-1-baseline_s1", "distill", 44.0),
+                                   ("t3-2-ta_s0", "ta", 50.0)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "results.json").write_text(json.dumps({
+            "design": [5, 64, 8], "method": method, "loss": "toy-lpips", "step": 900, "ema": {"toy_fid_best": fid_value}}))
+    out = tmp_path / "methods.md"
+    study.main(["--results", str(tmp_path / "t3-*" / "results.json"), "--compare-out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| t3-")]
+    assert rows == ["| t3-1-baseline | d5w64h8 | distill | toy-lpips | 42.00 +- 2.83 (2 runs) |",
+                    "| t3-2-ta | d5w64h8 | ta | toy-lpips | 50.00 |"], \
+        f"study.py --compare-out should give one row per run setup (seeds pooled: mean +- sd), in order; got {rows}"
+    for argv, phrase in ((["--compare-out", str(out)], "give them with --results"),
+                         (["--results", str(tmp_path / "t3-*" / "results.json")], "--timings is needed")):
+        with pytest.raises(SystemExit) as stop:
+            study.main(argv)
+        assert stop.value.code == 2 and phrase in capsys.readouterr().err
 
 
 def test_study_tells_apart_designs_that_differ_only_in_heads_per_block_or_mlp_ratio(tmp_path):
@@ -1633,7 +1655,14 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     assert second.returncode == 0 and second.stdout.count("finished, skipped") == 1, second.stdout[-2000:]
     assert "config:" not in second.stdout  # no distill.py run started
     assert "Runs (2): " in (tmp_path / "results" / "sweep.md").read_text()
-    env.update(BATCH="4", ONLY="")  # another recipe into the same OUT: refused before any work, not skipped
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: only the records in RESULTS; they count as finished runs
+    fresh = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
+    assert fresh.returncode == 0 and fresh.stdout.count("finished, skipped") == 1, fresh.stdout[-2000:] + fresh.stderr
+    assert "config:" not in fresh.stdout, "study.sh retrained a run whose record in RESULTS is at STEPS"
+    assert "Runs (2): " in (tmp_path / "results" / "sweep.md").read_text()
+    again = json.loads((tmp_path / "results" / "d5w64h8_toy-lpips.json").read_text())
+    assert again["run"] == "d5w64h8_toy-lpips" and again["curve"] == curve, "a record passed back in lost its curve"
+    env.update(BATCH="4", ONLY="")  # another recipe than the records': refused before any work, not skipped
     third = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, **env), timeout=900)
     assert third.returncode == 2 and "another recipe" in third.stderr and "(batch 8)" in third.stderr, third.stderr
     assert "config:" not in third.stdout and "skipped" not in third.stdout
