@@ -38,8 +38,8 @@ def get_parser():
                    "the --results runs' records")
     p.add_argument("--compare-out", help="instead of the sweep: write a Markdown table with a row per run setup "
                    "(a run folder's name without its _s<seed> suffix, as methods.sh names them) to this file")
-    p.add_argument("--runs-out", help="write each --results run's record plus its design's latency to this "
-                   "folder as RUN.json (the folder name of its results.json)")
+    p.add_argument("--runs-out", help="write each --results run's record plus its design's latency (none with "
+                   "--compare-out) to this folder as RUN.json (the folder name of its results.json)")
     return p
 
 
@@ -157,25 +157,25 @@ def run_name(path, record):
 def write_run_records(records, rows, folder):
     """The study's record of each run: its results.json, the latency this sweep measured for its design (the first
     mode), and its training curve (each evaluation's EMA metrics, from metrics.jsonl beside the results.json when
-    there is one; a record passed back in keeps its own), as FOLDER/<run name>.json."""
+    there is one; a record passed back in keeps its own), as FOLDER/<run name>.json. rows None: no latency."""
     os.makedirs(folder, exist_ok=True)
     timed_rows = {}
-    for row in rows:
+    for row in rows or []:
         timed_rows.setdefault(row["key"], row)
     keys = ("mode", "device", "hardware", "batch", "cfg_scale", "n", "extrapolated", "images_per_s",
             "seconds_per_50k", "gflop_per_image", "torch")
     for path, record in records:
-        row = timed_rows[record["key"]]
         run = run_name(path, record)
-        latency_record = {k: row.get(k) for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"]}
         curve_path = os.path.join(os.path.dirname(path), "metrics.jsonl")
         curve = record.get("curve", [])
         if os.path.basename(path) == "results.json" and os.path.isfile(curve_path):  # a run folder's
             with open(curve_path) as f:
                 curve = [{"step": e["step"], **e["ema"]} for e in map(json.loads, f)]
-        record = {k: v for k, v in record.items() if k != "key"}
-        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "latency": latency_record,
-                                                        "curve": curve})
+        key, record = record["key"], {k: v for k, v in record.items() if k != "key"}
+        if rows is not None:
+            row = timed_rows[key]
+            record["latency"] = {k: row.get(k) for k in keys} | {"ms_per_image": 1e3 / row["images_per_s"]}
+        write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "curve": curve})
 
 
 def spread(metric, values):
@@ -213,8 +213,8 @@ def sweep_table(rows, records):
 
 
 def compare_table(records):
-    """Markdown: a row per run setup (a run folder's name less its _s<seed> suffix: t3-2-ta for t3-2-ta_s0,
-    t3-2-ta_s1, ...) in the order of --results, with its design, method and loss, and a column per metric the runs
+    """Markdown: a row per run setup (a run's name less its _s<seed> suffix: t3-2-ta for t3-2-ta_s0,
+    t3-2-ta_s1, ...) in the order of their names, with its design, method and loss, and a column per metric the runs
     have: the mean over the setup's seeds, +- their standard deviation."""
     setups = {}
     for path, r in records:
@@ -222,7 +222,7 @@ def compare_table(records):
     metrics = [m for m, (_, get) in METRICS.items() if any(get(r) is not None for _, r in records)]
     lines = ["| run setup | design | method | loss |" + "".join(f" {METRICS[m][0]} |" for m in metrics),
              "|" + " --- |" * (4 + len(metrics))]
-    for setup, runs in setups.items():
+    for setup, runs in sorted(setups.items()):
         first = runs[0]
         cells = [spread(m, [v for v in map(METRICS[m][1], runs) if v is not None]) for m in metrics]
         lines.append(f"| {setup} | {first['key']} | {first.get('method', 'distill')} | {first.get('loss', '')} |"
@@ -303,6 +303,8 @@ def compare(args):
     if not args.results:
         raise UsageError("--compare-out tabulates runs: give them with --results (e.g. 'runs/methods/*/results.json').")
     writable_file(args.compare_out, "--compare-out")
+    if args.runs_out:
+        writable_dir(args.runs_out, "--runs-out")
     records = load_results(args.results)
     table = compare_table(records)
 
@@ -311,6 +313,9 @@ def compare(args):
             f.write(f"{training_setup(records)}\n{table}\n")
     atomic_write(args.compare_out, write_table)
     print(f"{table}\n\nwrote {args.compare_out}")
+    if args.runs_out:
+        write_run_records(records, None, args.runs_out)
+        print(f"wrote {len(records)} run records to {args.runs_out}/")
     return records
 
 

@@ -1569,7 +1569,8 @@ def test_bench_pick_times_each_candidate_once_caches_it_and_refuses_an_impossibl
 @pytest.mark.parametrize("script, settings", [
     ("knobs.sh", [("SEEDS=0 x", "each seed must be an integer"), ("STEPS=-5", "STEPS=-5 must be"),
                   ("PYTHON=/no/python", "PYTHON=/no/python")]),
-    ("methods.sh", [("SEEDS=0 x", "each seed must be an integer"), ("PYTHON=/no/python", "PYTHON=/no/python")])])
+    ("methods.sh", [("SEEDS=0 x", "each seed must be an integer"), ("PYTHON=/no/python", "PYTHON=/no/python"),
+                    ("ONLY=t3-9-nothing", "unknown row 't3-9-nothing'")])])
 def test_quick_recipe_scripts_refuse_bad_settings(tmp_path, script, settings):
     for setting, phrase in settings:
         key, value = setting.split("=", 1)
@@ -1580,6 +1581,51 @@ def test_quick_recipe_scripts_refuse_bad_settings(tmp_path, script, settings):
     assert not os.path.exists(tmp_path / "runs")
 
 
+def test_methods_sh_runs_each_row_per_seed_and_goes_on_from_committed_records(tmp_path):
+    """methods.sh's bookkeeping, with a stand-in for Python that writes each run's results.json at once: the
+    assistant first, every row once per seed, one table row per row; then a fresh clone (records only) reruns
+    nothing but the assistant, whose checkpoint the TA rows load."""
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!{sys.executable}
+import json, os, sys
+script, args = sys.argv[1], sys.argv[2:]
+if script == "study.py":
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+with open({str(calls)!r}, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+value = lambda flag: args[args.index(flag) + 1]
+record = dict(design=[int(value(k)) for k in ("--d", "--w", "--h")], method=script[:-3], loss="toy-lpips", step=900,
+              ema=dict(toy_fid_best=100.0 + int(value("--seed"))))
+json.dump(record, open(os.path.join(value("--out"), "results.json"), "w"))
+""")
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), SEEDS="0 1", OUT=str(tmp_path / "runs"), RESULTS=str(tmp_path / "res"))
+    run = lambda **extra: subprocess.run(["bash", "methods.sh"], cwd=HERE, capture_output=True, text=True, timeout=300,
+                                         env=dict(env, **extra))
+    first = run()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 1 + 7 * 2 and lines[0].startswith("distill.py --d 7 --w 128 --h 8 --batch 128"), lines[:2]
+    assert sum(line.startswith("ta.py --ta ") for line in lines) == 6 and sum("mi1.py" in line for line in lines) == 4
+    table = (tmp_path / "res" / "methods.md").read_text()
+    assert "| t3-2-ta | d5w64h8 | ta | toy-lpips | 100.50 +- 0.71 (2 runs) |" in table, table
+    assert "| t3-0-assistant | d7w128h8 | distill |" in table and "| t4-3-layers-2-4-6 | d6w64h8 | mi1 |" in table
+    assert (tmp_path / "res" / "t4-2-layers-3-6_s1.json").exists(), "methods.sh keeps no record of a finished run"
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: the records only
+    calls.unlink()
+    again = run()
+    assert again.returncode == 0 and again.stdout.count("finished, skipped") == 14, again.stdout[-2000:]
+    assert calls.read_text().startswith("distill.py --d 7 --w 128") and len(calls.read_text().splitlines()) == 1, \
+        "a fresh clone should retrain only the assistant (its checkpoint is not in the records)"
+    assert "100.50 +- 0.71 (2 runs)" in (tmp_path / "res" / "methods.md").read_text()
+    calls.unlink()
+    assert run(ONLY="t4-2-layers-3-6", SEEDS="2").returncode == 0
+    assert calls.read_text().splitlines() == [next(line for line in lines if "mi1.py" in line and "--layers 3,6" in line)
+                                              .replace("--seed 0", "--seed 2").replace("t4-2-layers-3-6_s0",
+                                                                                       "t4-2-layers-3-6_s2")]
+
+
 def test_study_compare_out_gives_each_run_setup_one_row_over_its_seeds(tmp_path, capsys):
     for run, method, fid_value in (("t3-1-baseline_s0", "distill", 40.0), ("t3-1-baseline_s1", "distill", 44.0),
                                    ("t3-2-ta_s0", "ta", 50.0)):
@@ -1587,11 +1633,14 @@ def test_study_compare_out_gives_each_run_setup_one_row_over_its_seeds(tmp_path,
         (tmp_path / run / "results.json").write_text(json.dumps({
             "design": [5, 64, 8], "method": method, "loss": "toy-lpips", "step": 900, "ema": {"toy_fid_best": fid_value}}))
     out = tmp_path / "methods.md"
-    study.main(["--results", str(tmp_path / "t3-*" / "results.json"), "--compare-out", str(out)])
+    study.main(["--results", str(tmp_path / "t3-*" / "results.json"), "--compare-out", str(out), "--runs-out",
+                str(tmp_path / "records")])
+    record = json.loads((tmp_path / "records" / "t3-2-ta_s0.json").read_text())
+    assert record["run"] == "t3-2-ta_s0" and record["ema"]["toy_fid_best"] == 50.0 and "latency" not in record
     rows = [line for line in out.read_text().splitlines() if line.startswith("| t3-")]
     assert rows == ["| t3-1-baseline | d5w64h8 | distill | toy-lpips | 42.00 +- 2.83 (2 runs) |",
                     "| t3-2-ta | d5w64h8 | ta | toy-lpips | 50.00 |"], \
-        f"study.py --compare-out should give one row per run setup (seeds pooled: mean +- sd), in order; got {rows}"
+        f"study.py --compare-out should give one row per run setup (seeds pooled: mean +- sd), by name; got {rows}"
     for argv, phrase in ((["--compare-out", str(out)], "give them with --results"),
                          (["--results", str(tmp_path / "t3-*" / "results.json")], "--timings is needed")):
         with pytest.raises(SystemExit) as stop:
