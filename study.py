@@ -178,11 +178,13 @@ def write_run_records(records, rows, folder):
         write_json(os.path.join(folder, f"{run}.json"), {"run": run, **record, "curve": curve})
 
 
-def spread(metric, values):
-    """A metric's runs as one cell: their mean, +- their standard deviation where there are several; '' for none."""
+def spread(metric, values, count=True):
+    """A metric's runs as one cell: their mean, +- their standard deviation where there are several (and how many,
+    unless count is False: a table with a column of counts); '' for none."""
     digits = 3 if metric in FRACTIONS else 2
     return "" if not values else f"{statistics.mean(values):.{digits}f}" + (
-        f" +- {statistics.stdev(values):.{digits}f} ({len(values)} runs)" if len(values) > 1 else "")
+        f" +- {statistics.stdev(values):.{digits}f}" + (f" ({len(values)} runs)" if count else "")
+        if len(values) > 1 else "")
 
 
 def family(depth, width):
@@ -214,18 +216,18 @@ def sweep_table(rows, records):
 
 def compare_table(records):
     """Markdown: a row per run setup (a run's name less its _s<seed> suffix: t3-2-ta for t3-2-ta_s0,
-    t3-2-ta_s1, ...) in the order of their names, with its design, method and loss, and a column per metric the runs
-    have: the mean over the setup's seeds, +- their standard deviation."""
+    t3-2-ta_s1, ...) in the order of their names, with its design, method and number of seeds, and a column per
+    metric the runs have: the mean over the setup's seeds, +- their standard deviation."""
     setups = {}
     for path, r in records:
         setups.setdefault(re.sub(r"_s\d+$", "", run_name(path, r)), []).append(r)
     metrics = [m for m, (_, get) in METRICS.items() if any(get(r) is not None for _, r in records)]
-    lines = ["| run setup | design | method | loss |" + "".join(f" {METRICS[m][0]} |" for m in metrics),
+    lines = ["| run setup | design | method | seeds |" + "".join(f" {METRICS[m][0]} |" for m in metrics),
              "|" + " --- |" * (4 + len(metrics))]
     for setup, runs in sorted(setups.items()):
         first = runs[0]
-        cells = [spread(m, [v for v in map(METRICS[m][1], runs) if v is not None]) for m in metrics]
-        lines.append(f"| {setup} | {first['key']} | {first.get('method', 'distill')} | {first.get('loss', '')} |"
+        cells = [spread(m, [v for v in map(METRICS[m][1], runs) if v is not None], count=False) for m in metrics]
+        lines.append(f"| {setup} | {first['key']} | {first.get('method', 'distill')} | {len(runs)} |"
                      + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 

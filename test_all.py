@@ -1609,8 +1609,8 @@ json.dump(record, open(os.path.join(value("--out"), "results.json"), "w"))
     assert len(lines) == 1 + 7 * 2 and lines[0].startswith("distill.py --d 7 --w 128 --h 8 --batch 128"), lines[:2]
     assert sum(line.startswith("ta.py --ta ") for line in lines) == 6 and sum("mi1.py" in line for line in lines) == 4
     table = (tmp_path / "res" / "methods.md").read_text()
-    assert "| t3-2-ta | d5w64h8 | ta | toy-lpips | 100.50 +- 0.71 (2 runs) |" in table, table
-    assert "| t3-0-assistant | d7w128h8 | distill |" in table and "| t4-3-layers-2-4-6 | d6w64h8 | mi1 |" in table
+    assert "| t3-2-ta | d5w64h8 | ta | 2 | 100.50 +- 0.71 |" in table, table
+    assert "| t3-0-assistant | d7w128h8 | distill | 1 |" in table and "| t4-3-layers-2-4-6 | d6w64h8 | mi1 | 2 |" in table
     assert (tmp_path / "res" / "t4-2-layers-3-6_s1.json").exists(), "methods.sh keeps no record of a finished run"
     shutil.rmtree(tmp_path / "runs")  # a fresh clone: the records only
     calls.unlink()
@@ -1618,7 +1618,7 @@ json.dump(record, open(os.path.join(value("--out"), "results.json"), "w"))
     assert again.returncode == 0 and again.stdout.count("finished, skipped") == 14, again.stdout[-2000:]
     assert calls.read_text().startswith("distill.py --d 7 --w 128") and len(calls.read_text().splitlines()) == 1, \
         "a fresh clone should retrain only the assistant (its checkpoint is not in the records)"
-    assert "100.50 +- 0.71 (2 runs)" in (tmp_path / "res" / "methods.md").read_text()
+    assert "| t3-2-ta | d5w64h8 | ta | 2 | 100.50 +- 0.71 |" in (tmp_path / "res" / "methods.md").read_text()
     calls.unlink()
     assert run(ONLY="t4-2-layers-3-6", SEEDS="2").returncode == 0
     assert calls.read_text().splitlines() == [next(line for line in lines if "mi1.py" in line and "--layers 3,6" in line)
@@ -1638,8 +1638,8 @@ def test_study_compare_out_gives_each_run_setup_one_row_over_its_seeds(tmp_path,
     record = json.loads((tmp_path / "records" / "t3-2-ta_s0.json").read_text())
     assert record["run"] == "t3-2-ta_s0" and record["ema"]["toy_fid_best"] == 50.0 and "latency" not in record
     rows = [line for line in out.read_text().splitlines() if line.startswith("| t3-")]
-    assert rows == ["| t3-1-baseline | d5w64h8 | distill | toy-lpips | 42.00 +- 2.83 (2 runs) |",
-                    "| t3-2-ta | d5w64h8 | ta | toy-lpips | 50.00 |"], \
+    assert rows == ["| t3-1-baseline | d5w64h8 | distill | 2 | 42.00 +- 2.83 |",
+                    "| t3-2-ta | d5w64h8 | ta | 1 | 50.00 |"], \
         f"study.py --compare-out should give one row per run setup (seeds pooled: mean +- sd), by name; got {rows}"
     for argv, phrase in ((["--compare-out", str(out)], "give them with --results"),
                          (["--results", str(tmp_path / "t3-*" / "results.json")], "--timings is needed")):
