@@ -444,7 +444,7 @@ def train(args, method=None):
     run = build_student(args, device, loss_fn, method, world, total_steps=total)
     step = resume(run, state, args, method, total, ckpt_path, device) if state else 0
     config = dict(vars(args), param_count=dit.param_count(args.depth, args.width, args.mlp_ratio), total_steps=total,
-                  world=world)
+                  world=world, method_keys=list(method.config_keys) if method else [])  # results.json records them
     log("config: " + json.dumps(config, sort_keys=True))
     if state:
         log(f"resumed from {ckpt_path} at step {step}")

@@ -132,6 +132,7 @@ class Evaluator:
         record = {"step": step, "ema": metrics, **self.baselines, "param_count": args.param_count,
                   "design": [args.depth, args.width, args.heads],
                   "mlp_ratio": args.mlp_ratio, "loss": args.loss, "method": args.method,
+                  **{k: config[k] for k in config.get("method_keys", ())},  # e.g. MI1's layers and times
                   "data": args.data, "conditional": args.conditional,
                   **({"fid": metrics["fid"], "fid_n": args.fid_n, "fid_ref": fid.reference_name(args.fid_ref),
                       "fid_cfg_scale": args.cfg_scale} if "fid" in metrics else {}),

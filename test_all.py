@@ -1228,6 +1228,9 @@ def test_mi1_runs_resumes_and_samples(cache, tmp_path):
     mi1.main(flags + ["--out", str(tmp_path / "split"), "--steps", "6", "--resume"])
     a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("straight", "split"))
     assert a["config"]["method"] == "mi1" and a["config"]["layers"] == "2,4"
+    record = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert (record["method"], record["layers"], record["times"]) == ("mi1", "2,4", "0.5,0"), \
+        "results.json should name the method's settings (MI1's layers and times), not only the method"
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     model, _ = sample.load_model(str(tmp_path / "split" / "ckpt.pt"))
     assert sample.generate(model, 4)[0].shape == (4, 32, 32, 3)
