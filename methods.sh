@@ -43,7 +43,8 @@ for name in $ONLY; do
     "$(printf '%s\n' "${ROWS[@]}" | cut -d'|' -f1 | tr '\n' ' ')"
 done
 for dir in "$OUT" "$RESULTS"; do
-  mkdir -p "$dir" 2>/dev/null && [ -w "$dir" ] || die "cannot write to the folder $dir; set OUT / RESULTS to a writable folder."
+  mkdir -p "$dir" 2>/dev/null && [ -w "$dir" ] || die "cannot write to the folder $dir; set OUT / RESULTS to a" \
+    "writable folder."
 done
 
 runs=()  # name | command | seed; the assistant first, when a TA row is wanted
@@ -54,7 +55,8 @@ for run in "${runs[@]}"; do
   IFS='|' read -r name command seed <<<"$run"; k=$((k + 1))
   out="$OUT/${name}_s$seed" resume=()
   # the assistant counts as finished only with its checkpoint (the TA rows load it), not by its record
-  if [ -f "$out/done" ] || { [ ! -d "$out" ] && [ "$name" != t3-0-assistant ] && [ -f "$RESULTS/${name}_s$seed.json" ]; }; then
+  record="$RESULTS/${name}_s$seed.json"
+  if [ -f "$out/done" ] || { [ ! -d "$out" ] && [ "$name" != t3-0-assistant ] && [ -f "$record" ]; }; then
     echo "methods: [$k/${#runs[@]}] $out: finished, skipped"; continue
   fi
   [ -f "$out/ckpt.pt" ] && resume=(--resume)
