@@ -3,13 +3,17 @@
 # toy teacher at the quick start's recipe (distill.py's toy defaults: 900 steps at batch 16), three seeds each,
 # then one table with each row's mean and spread over seeds (study.py --compare-out).
 #
-#   bash methods.sh   # the assistant (~35 min), then 21 runs of 4-8 min, one at a time: ~3 h on 2 CPU cores
+#   bash methods.sh                                                # the assistant, then 21 runs, one at a time
+#   SEEDS=0 ONLY="t4-1-baseline t4-2-layers-3-6" bash methods.sh   # some rows, one seed
+#
+# On a 2-core AMD EPYC the assistant trains at 17.5 img/s alone (73 min); a plain or MI1 run takes 11-14 min when
+# two run at once on one thread each (OMP_NUM_THREADS=1, one call per seed or set of rows).
 #
 # Table 3: a TA helps only if it is better than the student, and the paper's is a bigger model (12,384,12: ten
 # times its 2.2M student) trained to convergence. Here the rules' 2.2M design (7,128,8), five times the rules'
 # 0.42M student (5,64,8), is distilled first (row t3-0, seed 0) with the study's batch of 128 for 600 steps (lr
 # 2e-3, falling to 0 over the last 200): at the student's own recipe a bigger design ends worse than the student
-# (the 5M there scores toy FID 205 against the 0.42M's 139). Rows, as (l0, l1, l2) of ta.py: t3-1 the baseline
+# (the 5M there scores toy FID 205 against the 0.42M's 140). Rows, as (l0, l1, l2) of ta.py: t3-1 the baseline
 # (1, 0, 0), plain distill.py; t3-2 the TA only (0, 1, 0); t3-3 the TA and its features (0, 1, 1); t3-4 all three.
 # Table 4: the 6-block toy student (6,64,8): t4-1 the baseline, plain distill.py; t4-2 layers (3, 6) at t (0.5, 0);
 # t4-3 layers (2, 4, 6) at t (0.66, 0.33, 0).
