@@ -29,7 +29,7 @@ from common import UsageError, atomic_write, exit_on_usage_error, writable_dir, 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--timings", help="the JSON list that bench.py --sweep --json wrote (needed but with "
+    p.add_argument("--timings", help="the JSON list that bench.py --sweep --json wrote (not needed with "
                    "--compare-out)")
     p.add_argument("--results", nargs="+", help="results.json files or quoted globs (distill.py, fid.py)")
     p.add_argument("--sweep-out", default="sweep.md", help="the Markdown table to write")
@@ -300,6 +300,14 @@ def plot_guidance(records, path):
     plt.close(fig)
 
 
+def write_text(path, text):
+    """A table file, written atomically (a temp file, then a rename)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def compare(args):
     """--compare-out: the --results runs' table of run setups (methods.sh's Tables 3 and 4), no latency."""
     if not args.results:
@@ -309,11 +317,7 @@ def compare(args):
         writable_dir(args.runs_out, "--runs-out")
     records = load_results(args.results)
     table = compare_table(records)
-
-    def write_table(tmp):
-        with open(tmp, "w") as f:
-            f.write(f"{training_setup(records)}\n{table}\n")
-    atomic_write(args.compare_out, write_table)
+    write_text(args.compare_out, f"{training_setup(records)}\n{table}\n")
     print(f"{table}\n\nwrote {args.compare_out}")
     if args.runs_out:
         write_run_records(records, None, args.runs_out)
@@ -352,11 +356,7 @@ def main(argv=None):
     header = (f"{first['hardware']}, torch {first.get('torch', '?')}; {first['n']:,} images per design at batch "
               f"{first['batch']}, CFG {first['cfg_scale']:g}, median of {first['repeats']}; s per 50k = 50,000 / "
               f"measured img/s{' (~: extrapolated)' if first['extrapolated'] else ''}.")
-
-    def write_table(tmp):
-        with open(tmp, "w") as f:
-            f.write(f"{header}\n{training_setup(records)}\n{table}\n")
-    atomic_write(args.sweep_out, write_table)
+    write_text(args.sweep_out, f"{header}\n{training_setup(records)}\n{table}\n")
     plot_tradeoff([r for r in rows if r["mode"] == first["mode"]], quality_label, quality, args.plot)  # one mode
     print(f"{table}\n\nwrote {args.sweep_out} and {args.plot}")
     if args.guidance_plot:

@@ -14,18 +14,18 @@
 #   STEPS=4000 JOBS=3 BENCH_DEVICE=cuda OUT=runs/study_long RESULTS=results/long bash study.sh
 #                             # longer training (a GPU's: one run 3.5-5.5 min on an H200)
 #
-# Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes from
-# its last checkpoint (every EVERY steps, and at the interrupt); runs trained with another recipe (batch, lr,
-# warm-up, clip, seed) stop it with a message. A run's record in RESULTS (RESULTS/NAME.json, as committed) counts
-# as finished when OUT lacks the run, so a fresh clone goes on where the committed records end. Settings (environment): STEPS, BATCH, LR, WARMUP (learning-
-# rate warm-up steps), CLIP (gradient-norm clip, 0: off), SEED, EVERY (steps between evaluations and
-# checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run folders),
-# RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads unless OMP_NUM_THREADS
-# is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs a subset (any of the
-# runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default python). Extra arguments
-# go to every distill.py run. The rate is constant after the warm-up (--decay 0, whatever distill.py's toy
-# default). The report (timing, records, table, plots) covers every run of the study finished in OUT at STEPS,
-# so a later call with ONLY or ALL=1 adds its runs to the table.
+# Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes from its
+# last checkpoint (every EVERY steps, and at the interrupt); runs trained with another recipe (batch, lr, warm-up,
+# clip, seed) stop it with a message. A run's record in RESULTS (RESULTS/NAME.json, as committed) counts as finished
+# when OUT lacks the run, so a fresh clone goes on where the committed records end. Settings (environment): STEPS,
+# BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP (gradient-norm clip, 0: off), SEED, EVERY (steps between
+# evaluations and checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run
+# folders), RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads unless
+# OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs a subset
+# (any of the runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default python). Extra
+# arguments go to every distill.py run. The rate is constant after the warm-up (--decay 0, whatever distill.py's toy
+# default). The report (timing, records, table, plots) covers every run of the study finished at STEPS (in OUT or by
+# its record), so a later call with ONLY or ALL=1 adds its runs to the table.
 set -euo pipefail
 cd "$(dirname "$0")"
 STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
@@ -75,7 +75,8 @@ if [ "$ALL" = 1 ] || [ -n "$ONLY" ]; then RUNS+=("${REST[@]}"); fi  # ONLY may n
 run_name() { echo "d$1w$2h$3_$4${5:+_s$5}"; }                # d w h loss [seed] -> the run's folder name
 wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }  # NAME: is it in ONLY (or ONLY unset)?
 result_of() {  # NAME -> its results: the run folder's, else its record in RESULTS (committed with the repo)
-  if [ -f "$OUT/$1/results.json" ]; then echo "$OUT/$1/results.json"; elif [ -f "$RESULTS/$1.json" ]; then echo "$RESULTS/$1.json"; fi
+  if [ -f "$OUT/$1/results.json" ]; then echo "$OUT/$1/results.json"
+  elif [ -f "$RESULTS/$1.json" ]; then echo "$RESULTS/$1.json"; fi
 }
 finished() { local f; f=$(result_of "$1"); [ -n "$f" ] && grep -q "\"step\": $STEPS," "$f"; }  # NAME: done?
 names=" "; for r in "${RUNS[@]}"; do names+="$(run_name $r) "; done
