@@ -19,11 +19,12 @@
 # t4-3 layers (2, 4, 6) at t (0.66, 0.33, 0).
 # Interrupt it and run it again: finished runs are skipped, a stopped one resumes; a run's record in RESULTS
 # (RESULTS/NAME_sSEED.json, as committed) counts as finished when OUT lacks the run. Settings (environment): SEEDS
-# (default "0 1 2"), ONLY (rows to run, e.g. "t4-2-layers-3-6"; the assistant runs when a TA row is among them),
-# OUT (run folders, runs/methods), RESULTS (the table, results/methods), PYTHON. Extra arguments go to every run.
+# (default "0 1 2"; empty with a TA row in ONLY: the assistant only), ONLY (rows to run, e.g. "t4-2-layers-3-6"; the
+# assistant runs when a TA row is among them), OUT (run folders, runs/methods), RESULTS (the table,
+# results/methods), PYTHON. Extra arguments go to every run.
 set -euo pipefail
 cd "$(dirname "$0")"
-SEEDS=${SEEDS:-0 1 2} ONLY=${ONLY:-} OUT=${OUT:-runs/methods} RESULTS=${RESULTS:-results/methods}
+SEEDS=${SEEDS-0 1 2} ONLY=${ONLY:-} OUT=${OUT:-runs/methods} RESULTS=${RESULTS:-results/methods}
 PYTHON=${PYTHON:-python}
 TA="$OUT/t3-0-assistant_s0/ckpt.pt"
 ASSISTANT="distill.py --d 7 --w 128 --h 8 --batch 128 --steps 600 --lr 2e-3 --decay 200"

@@ -1587,7 +1587,8 @@ def test_quick_recipe_scripts_refuse_bad_settings(tmp_path, script, settings):
 def test_methods_sh_runs_each_row_per_seed_and_goes_on_from_committed_records(tmp_path):
     """methods.sh's bookkeeping, with a stand-in for Python that writes each run's results.json at once: the
     assistant first, every row once per seed, one table row per row; then a fresh clone (records only) reruns
-    nothing but the assistant, whose checkpoint the TA rows load."""
+    nothing but the assistant, whose checkpoint the TA rows load; empty SEEDS with a TA row trains the assistant
+    alone."""
     calls = tmp_path / "calls.txt"
     stub = tmp_path / "python"
     stub.write_text(f"""#!{sys.executable}
@@ -1627,6 +1628,10 @@ json.dump(record, open(os.path.join(value("--out"), "results.json"), "w"))
     assert run(ONLY="t4-2-layers-3-6", SEEDS="2").returncode == 0
     seed0 = next(line for line in lines if "mi1.py" in line and "--layers 3,6" in line)
     assert calls.read_text().splitlines() == [seed0.replace("--seed 0", "--seed 2").replace("_s0", "_s2")]
+    shutil.rmtree(tmp_path / "runs")
+    calls.unlink()
+    assert run(ONLY="t3-2-ta", SEEDS="").returncode == 0
+    assert calls.read_text().splitlines() == lines[:1], "SEEDS= with a TA row should train the assistant alone"
 
 
 def test_study_compare_out_gives_each_run_setup_one_row_over_its_seeds(tmp_path, capsys):
