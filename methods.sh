@@ -6,8 +6,9 @@
 #   bash methods.sh                                                # the assistant, then 21 runs, one at a time
 #   SEEDS=0 ONLY="t4-1-baseline t4-2-layers-3-6" bash methods.sh   # some rows, one seed
 #
-# On a 2-core AMD EPYC without AVX-512 the assistant trains at 17.5 img/s alone (73 min); a plain or MI1 run takes
-# 11-14 min when two run at once on one thread each (OMP_NUM_THREADS=1, one call per seed or set of rows).
+# Two at once on one thread each (OMP_NUM_THREADS=1, one call per seed or set of rows) a plain or MI1 run takes 11-14
+# min on a 2-core AMD EPYC without AVX-512, a TA run 8.5 min on a 2-core Intel Xeon with AMX; the assistant alone
+# takes 73 min on the EPYC, 29 min on the Xeon.
 #
 # Table 3: a TA helps only if it is better than the student, and the paper's is a bigger model (12,384,12: ten
 # times its 2.2M student) trained to convergence. Here the rules' 2.2M design (7,128,8), five times the rules'
