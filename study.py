@@ -135,7 +135,7 @@ def quality_of(records, rows):
 
 
 def training_setup(records):
-    """One line saying how the runs were trained (steps, batch, learning rate, warm-up, gradient clip, loss),
+    """One line saying how the runs were trained (steps, batch, learning rate, warm-up, decay, gradient clip, loss),
     each setting's distinct values joined by ' / ', so a table never hides that its runs differ; '' without
     runs. A setting a run's results.json does not record shows as '-'."""
     if not records:
@@ -143,7 +143,7 @@ def training_setup(records):
 
     def show(v):
         return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
-    settings = [("steps", "step"), ("batch", "batch"), ("lr", "lr"), ("warm-up", "warmup"),
+    settings = [("steps", "step"), ("batch", "batch"), ("lr", "lr"), ("warm-up", "warmup"), ("final decay", "decay"),
                 ("gradient clip", "grad_clip"), ("loss", "loss")]
     parts = [f"{label} {' / '.join(dict.fromkeys(show(r.get(key)) for _, r in records))}" for label, key in settings]
     return f"Runs ({len(records)}): {', '.join(parts)}.\n"

@@ -5,9 +5,9 @@
 #
 #   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 128, two at a time, then the
 #                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; 12-13 h on 2 CPU cores
-#   STEPS=600 bash study.sh   # the same runs' first half: the rate is constant after the warm-up, so a run to
-#                             # step 600 is step for step the first half of a run to 1,200, which the default
-#                             # command later continues
+#   STEPS=600 bash study.sh   # the same runs' first half: the rate is constant after the warm-up (DECAY=0), so
+#                             # a run to step 600 is step for step the first half of a run to 1,200, which the
+#                             # default command later continues
 #   BATCH=32 bash study.sh    # a cheaper recipe (about a quarter of the time); its records are not the headline's
 #   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs
 #   WITH_5M=0 bash study.sh   # without the 5M designs
@@ -16,19 +16,20 @@
 #
 # Interrupt it (Ctrl-C) and run the same command again: finished runs are skipped, a stopped one resumes from its
 # last checkpoint (every EVERY steps, and at the interrupt); runs trained with another recipe (batch, lr, warm-up,
-# clip, seed) stop it with a message. A run's record in RESULTS (RESULTS/NAME.json, as committed) counts as finished
-# when OUT lacks the run, so a fresh clone goes on where the committed records end. Settings (environment): STEPS,
-# BATCH, LR, WARMUP (learning-rate warm-up steps), CLIP (gradient-norm clip, 0: off), SEED, EVERY (steps between
-# evaluations and checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside it); OUT (run
-# folders), RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads unless
-# OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs a subset
-# (any of the runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default python). Extra
-# arguments go to every distill.py run. The rate is constant after the warm-up (--decay 0, whatever distill.py's toy
-# default). The report (timing, records, table, plots) covers every run of the study finished at STEPS (in OUT or by
-# its record), so a later call with ONLY or ALL=1 adds its runs to the table.
+# decay, clip, seed) stop it with a message. A run's record in RESULTS (RESULTS/NAME.json, as committed) counts as
+# finished when OUT lacks the run, so a fresh clone goes on where the committed records end. Settings (environment):
+# STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), DECAY (final steps over which the rate falls linearly to 0;
+# default 0, a constant rate, whatever distill.py's toy default), CLIP (gradient-norm clip, 0: off), SEED, EVERY
+# (steps between evaluations and checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside
+# it); OUT (run folders), RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads
+# unless OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs a
+# subset (any of the runs); BENCH_DEVICE, BENCH_MODES, BENCH_N: the latency measurement; PYTHON (default python).
+# Extra arguments go to every distill.py run. The report (timing, records, table, plots) covers every run of the
+# study finished at STEPS (in OUT or by its record), so a later call with ONLY or ALL=1 adds its runs to the table.
 set -euo pipefail
 cd "$(dirname "$0")"
-STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} CLIP=${CLIP:-1} SEED=${SEED:-0}
+STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} DECAY=${DECAY:-0} CLIP=${CLIP:-1}
+SEED=${SEED:-0}
 EVERY=${EVERY:-200}
 JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} ALL=${ALL:-0} LOSS=${LOSS:-toy-lpips}
 OUT=${OUT:-runs/study} RESULTS=${RESULTS:-results/toy} ONLY=${ONLY:-}
@@ -39,6 +40,7 @@ for var in STEPS BATCH JOBS BENCH_N EVERY; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer (e.g. $var=300)."
 done
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP=$WARMUP must be an integer >= 0 (steps of learning-rate warm-up; 0: none)."
+[[ $DECAY =~ ^[0-9]+$ ]] || die "DECAY=$DECAY must be an integer >= 0 (final steps of learning-rate decay; 0: none)."
 for var in LR CLIP; do  # plain decimal or e-notation numbers; distill.py checks the range
   [[ ${!var} =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "$var=${!var} must be a number (e.g. LR=2e-3, CLIP=1)."
 done
@@ -95,16 +97,17 @@ for r in "${CORE[@]}" "${REST[@]}"; do
   f=$(result_of "$name"); [ -n "$f" ] && trained+=("$f" "${seed:-$SEED}")
 done
 if [ ${#trained[@]} -gt 0 ]; then
-  other=$("$PYTHON" - "$BATCH" "$LR" "$WARMUP" "$CLIP" "${trained[@]}" <<'EOF'
+  other=$("$PYTHON" - "$BATCH" "$LR" "$WARMUP" "$CLIP" "$DECAY" "${trained[@]}" <<'EOF'
 import json, sys
-batch, lr, warmup, clip, files = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+batch, lr, warmup, clip, decay, files = (int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]),
+                                        int(sys.argv[5]), sys.argv[6:])
 other = []
 for path, seed in zip(files[::2], files[1::2]):
     try:
         run = json.load(open(path))
     except (OSError, ValueError):
         other.append(f"{path} (unreadable)"); continue
-    recipe = dict(batch=batch, lr=lr, warmup=warmup, grad_clip=clip, seed=int(seed))
+    recipe = dict(batch=batch, lr=lr, warmup=warmup, grad_clip=clip, decay=decay, seed=int(seed))
     diff = [f"{k} {run[k]}" for k, v in recipe.items() if k in run and run[k] != v]
     if diff:
         other.append(f"{path} ({', '.join(diff)})")
@@ -113,7 +116,7 @@ if other:  # the first three, and how many more
 EOF
   )
   [ -z "$other" ] || die "runs in $OUT were trained with another recipe than this study's (batch $BATCH, lr $LR," \
-    "warm-up $WARMUP, clip $CLIP, seed $SEED): $other. Their scores" \
+    "warm-up $WARMUP, decay $DECAY, clip $CLIP, seed $SEED): $other. Their scores" \
     "would not compare with this recipe's. Set OUT and RESULTS to fresh folders for this recipe (e.g." \
     "OUT=runs/study_b$BATCH RESULTS=results/toy_b$BATCH), or the settings those runs were trained with."
 fi
@@ -133,7 +136,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
   mkdir -p "$out"
   local cmd=(env OMP_NUM_THREADS="${RUN_THREADS:-$THREADS}" "$PYTHON" distill.py --d "$d" --w "$w" --h "$h"
              --loss "$loss" --steps "$STEPS" --batch "$BATCH" --lr "$LR" --warmup "$WARMUP" --grad-clip "$CLIP"
-             --decay 0 --seed "${seed:-$SEED}" --eval-every "$EVERY" --out "$out" "${resume[@]}" "$@")
+             --decay "$DECAY" --seed "${seed:-$SEED}" --eval-every "$EVERY" --out "$out" "${resume[@]}" "$@")
   if [ "$JOBS" = 1 ]; then
     "${cmd[@]}" 2>&1 | tee -a "$out/log.txt"
   else  # runs at once would interleave their lines: each keeps its own log, one line when it ends
@@ -143,7 +146,7 @@ run_one() {  # "k d w h loss [seed]" [extra distill.py flags]: train OUT/NAME un
 }
 export -f run_name wanted result_of finished run_one
 TOTAL=${#RUNS[@]}
-export STEPS BATCH LR WARMUP CLIP SEED EVERY JOBS OUT RESULTS ONLY TOTAL PYTHON THREADS
+export STEPS BATCH LR WARMUP DECAY CLIP SEED EVERY JOBS OUT RESULTS ONLY TOTAL PYTHON THREADS
 
 start=$(date +%s)
 specs=(); for i in "${!RUNS[@]}"; do specs+=("$((i + 1)) ${RUNS[i]}"); done
