@@ -39,8 +39,9 @@ die() { echo "error: $*" >&2; exit 2; }  # bad settings: one message, exit code 
 for var in STEPS BATCH JOBS BENCH_N EVERY; do
   [[ ${!var} =~ ^[1-9][0-9]*$ ]] || die "$var=${!var} must be a positive integer (e.g. $var=300)."
 done
-[[ $WARMUP =~ ^[0-9]+$ ]] || die "WARMUP=$WARMUP must be an integer >= 0 (steps of learning-rate warm-up; 0: none)."
-[[ $DECAY =~ ^[0-9]+$ ]] || die "DECAY=$DECAY must be an integer >= 0 (final steps of learning-rate decay; 0: none)."
+for var in WARMUP DECAY; do  # steps of the rate's warm-up at the start and linear fall to 0 at the end
+  [[ ${!var} =~ ^[0-9]+$ ]] || die "$var=${!var} must be an integer >= 0 (a number of steps; 0: none)."
+done
 for var in LR CLIP; do  # plain decimal or e-notation numbers; distill.py checks the range
   [[ ${!var} =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || die "$var=${!var} must be a number (e.g. LR=2e-3, CLIP=1)."
 done
