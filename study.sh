@@ -5,9 +5,6 @@
 #
 #   bash study.sh             # the 11 headline runs (below) of 1,200 steps x batch 128, two at a time, then the
 #                             # timing: 8 min on one H200 with JOBS=10 BENCH_DEVICE=cuda; 12-13 h on 2 CPU cores
-#   STEPS=600 bash study.sh   # the same runs' first half: the rate is constant after the warm-up (DECAY=0), so
-#                             # a run to step 600 is step for step the first half of a run to 1,200, which the
-#                             # default command later continues
 #   BATCH=32 bash study.sh    # a cheaper recipe (about a quarter of the time); its records are not the headline's
 #   ALL=1 bash study.sh       # and Tables 2 and 6's other designs and Figure 3's sweeps: 33 runs
 #   WITH_5M=0 bash study.sh   # without the 5M designs
@@ -19,7 +16,7 @@
 # decay, clip, seed) stop it with a message. A run's record in RESULTS (RESULTS/NAME.json, as committed) counts as
 # finished when OUT lacks the run, so a fresh clone goes on where the committed records end. Settings (environment):
 # STEPS, BATCH, LR, WARMUP (learning-rate warm-up steps), DECAY (final steps over which the rate falls linearly to 0;
-# default 0, a constant rate, whatever distill.py's toy default), CLIP (gradient-norm clip, 0: off), SEED, EVERY
+# default 400, as distill.py's toy default), CLIP (gradient-norm clip, 0: off), SEED, EVERY
 # (steps between evaluations and checkpoints, default 200), LOSS (every design's loss; Table 1 adds l1 and l2 beside
 # it); OUT (run folders), RESULTS (JSONs, table, plots); JOBS (runs at once; each gets cores/JOBS torch threads
 # unless OMP_NUM_THREADS is set); ALL=1 adds the other designs; WITH_5M=0 drops the 5M rows; ONLY="name ..." runs a
@@ -28,7 +25,7 @@
 # study finished at STEPS (in OUT or by its record), so a later call with ONLY or ALL=1 adds its runs to the table.
 set -euo pipefail
 cd "$(dirname "$0")"
-STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} DECAY=${DECAY:-0} CLIP=${CLIP:-1}
+STEPS=${STEPS:-1200} BATCH=${BATCH:-128} LR=${LR:-2e-3} WARMUP=${WARMUP:-100} DECAY=${DECAY:-400} CLIP=${CLIP:-1}
 SEED=${SEED:-0}
 EVERY=${EVERY:-200}
 JOBS=${JOBS:-2} WITH_5M=${WITH_5M:-1} ALL=${ALL:-0} LOSS=${LOSS:-toy-lpips}

@@ -1699,7 +1699,7 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     table = (tmp_path / "results" / "sweep.md").read_text()
     main = records["d5w64h8_toy-lpips"]["ema"]
     assert table.count("| d5w64h8 |") == 1 and "toy FID at its best CFG (runs" in table  # the quality axis
-    assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, final decay 0, gradient clip 1, loss " in table
+    assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, final decay 400, gradient clip 1, loss " in table
     assert (f"| {main['toy_fid_best']:.2f} | {main['cfg_best']:.2f} | {main['toy_fid']:.2f} | "
             f"{main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |") in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
@@ -1715,7 +1715,7 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     assert "Runs (2): " in (tmp_path / "results" / "sweep.md").read_text()
     again = json.loads((tmp_path / "results" / "d5w64h8_toy-lpips.json").read_text())
     assert again["run"] == "d5w64h8_toy-lpips" and again["curve"] == curve, "a record passed back in lost its curve"
-    for setting, recorded in (("BATCH", "(batch 8)"), ("DECAY", "(decay 0)")):  # another recipe than the records':
+    for setting, recorded in (("BATCH", "(batch 8)"), ("DECAY", "(decay 400)")):  # another recipe than the records':
         third = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=900,  # refused, not skipped
                                env=dict(os.environ, **dict(env, ONLY="", **{setting: "4"})))
         assert third.returncode == 2 and "another recipe" in third.stderr and recorded in third.stderr, third.stderr
