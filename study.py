@@ -194,8 +194,8 @@ def family(depth, width):
 
 
 def sweep_table(rows, records):
-    """Markdown: a row per design and mode, and a column per metric the --results runs have: the mean over the
-    design's runs, +- their standard deviation where it has several (seed repeats)."""
+    """Markdown: a row per design and mode, smallest design first, and a column per metric the --results runs
+    have: the mean over the design's runs, +- their standard deviation where it has several (seed repeats)."""
     est = "extrapolated" if rows[0]["extrapolated"] else "measured"
     values = run_metrics(records) if records else {}
     lines = [f"| design | name | params | GFLOP/img (CFG) | mode | img/s | s per 50k ({est}) | "
@@ -205,7 +205,7 @@ def sweep_table(rows, records):
     def cell(value):
         return "" if value is None else f"{value:.2f}"
 
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["params"]):  # stable: a design's modes keep bench.py's order
         d = r["key"]
         lines.append(f"| {d} | {r['name']} | {r['params']:,} | {r['gflop_per_image']:.3f} | "
                      f"{r['mode']} | {r['images_per_s']:,.1f} | {'~' if r['extrapolated'] else ''}"

@@ -1468,6 +1468,9 @@ def test_bench_sweep_times_every_design_and_study_reports_them(tmp_path, capsys)
     for d, w, h in expected:
         assert table.count(f"| d{d}w{w}h{h} |") == 1
     assert "extrapolated" in table and "paper FID" in table and "FID (runs" not in table
+    params = [int(line.split("|")[3].replace(",", "")) for line in table.splitlines()
+              if line.startswith("| d") and not line.startswith("| design")]
+    assert params == sorted(params), f"study.py's sweep table should list designs smallest first, not {params}"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     run = tmp_path / "run1"
     run.mkdir()
