@@ -136,8 +136,9 @@ def quality_of(records, rows):
 
 def training_setup(records):
     """One line saying how the runs were trained (steps, batch, learning rate, warm-up, decay, gradient clip, loss),
-    each setting's distinct values joined by ' / ', so a table never hides that its runs differ; '' without
-    runs. A setting a run's results.json does not record shows as '-'."""
+    each setting's distinct values joined by ' / ', so a table never hides that its runs differ, and which of
+    them the rows average when their losses or methods differ (main_setup's); '' without runs. A setting a
+    run's results.json does not record shows as '-'."""
     if not records:
         return ""
 
@@ -146,7 +147,10 @@ def training_setup(records):
     settings = [("steps", "step"), ("batch", "batch"), ("lr", "lr"), ("warm-up", "warmup"), ("final decay", "decay"),
                 ("gradient clip", "grad_clip"), ("loss", "loss")]
     parts = [f"{label} {' / '.join(dict.fromkeys(show(r.get(key)) for _, r in records))}" for label, key in settings]
-    return f"Runs ({len(records)}): {', '.join(parts)}.\n"
+    main = main_setup(records)
+    rows = "" if len(main) == len(records) else \
+        f" Rows: loss {main[0][1].get('loss')}, method {main[0][1].get('method')} ({len(main)} of the runs)."
+    return f"Runs ({len(records)}): {', '.join(parts)}.{rows}\n"
 
 
 def run_name(path, record):

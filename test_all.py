@@ -1703,6 +1703,8 @@ def test_study_runs_records_and_skips_finished_runs(cache, tmp_path):
     main = records["d5w64h8_toy-lpips"]["ema"]
     assert table.count("| d5w64h8 |") == 1 and "toy FID at its best CFG (runs" in table  # the quality axis
     assert "Runs (2): steps 3, batch 8, lr 0.002, warm-up 100, final decay 400, gradient clip 1, loss " in table
+    assert " Rows: loss toy-lpips, method distill (1 of the runs)." in table, \
+        "sweep.md's recipe line lists both losses but does not say its rows average only the toy-lpips run"
     assert (f"| {main['toy_fid_best']:.2f} | {main['cfg_best']:.2f} | {main['toy_fid']:.2f} | "
             f"{main['toy_acc']:.3f} | {main['toy_mode']:.3f} | {main['psnr']:.2f} |") in table  # not the L1 run's
     assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
